@@ -1,0 +1,1 @@
+"""cnn-pipeline: a DVC + MLflow + Lightning pipeline for convolutional neural networks."""

@@ -1,0 +1,1 @@
+"""Data: where images come from, the prepared splits, augmentation, and the LightningDataModule."""

@@ -1,0 +1,87 @@
+"""Datasets and the LightningDataModule: uint8 arrays in, float [0, 1] CHW tensors out.
+
+Augmentation runs per sample on the train split only; val and test get only the resize. Normalization lives
+in the model (`pipeline.models.classifier.Classifier`), so exported models take plain pixels.
+"""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from pipeline.data.augment import apply
+
+
+class ImageDataset(Dataset):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: A.Compose | None = None,
+                 image_size: int | None = None) -> None:
+        self.images = images
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.transform = transform if transform is not None and len(transform.transforms) else None
+        self.image_size = image_size if image_size and image_size != images.shape[1] else None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img = self.images[i]
+        if self.image_size:
+            img = cv2.resize(img, (self.image_size, self.image_size), interpolation=cv2.INTER_LINEAR)
+            img = img if img.ndim == 3 else img[:, :, None]
+        if self.transform is not None:
+            img = apply(self.transform, img)
+        tensor = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
+        return tensor, self.labels[i]
+
+
+def seed_worker(_worker_id: int) -> None:
+    """Each loader worker reseeds its copy of the augmentation from torch's per-worker seed.
+
+    torch derives that seed from the main process's generator, so runs repeat exactly, while every
+    worker and every epoch still draws different augmentations.
+    """
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info else None
+    if transform is not None:
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
+        worker_init_fn=seed_worker if num_workers else None, persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Train/val/test splits of uint8 arrays; the train split gets the augmentation."""
+
+    def __init__(self, splits: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int, num_workers: int,
+                 seed: int, train_transform: A.Compose | None = None, image_size: int | None = None) -> None:
+        super().__init__()
+        self.splits = splits
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.train_transform = train_transform
+        self.image_size = image_size
+
+    def dataset(self, split: str, augment: bool = False) -> ImageDataset:
+        x, y = self.splits[split]
+        return ImageDataset(x, y, self.train_transform if augment else None, self.image_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.dataset("train", augment=True), self.batch_size, True, self.num_workers,
+                           self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.dataset("val"), self.batch_size, False, self.num_workers, self.seed)
+
+    def test_dataloader(self) -> DataLoader:
+        return make_loader(self.dataset("test"), self.batch_size, False, self.num_workers, self.seed)

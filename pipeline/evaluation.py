@@ -1,0 +1,143 @@
+"""Held-out evaluation: predictions, classification metrics, calibration, and speed on the current device."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+from torch import nn
+
+from pipeline.data.datamodule import ImageDataset
+
+
+def device_for(accelerator: str = "auto") -> torch.device:
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: np.ndarray, image_size: int, batch_size: int = 256,
+                  device: torch.device | None = None) -> np.ndarray:
+    """Class probabilities for uint8 (N, H, W, C) images, resized to the model's input size."""
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64), None, image_size)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    out = [torch.softmax(model(x.to(device)).float(), dim=1).cpu() for x, _ in loader]
+    return torch.cat(out).numpy() if out else np.zeros((0, 0))
+
+
+def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
+    """Weighted mean |accuracy - confidence| over equal-width confidence bins."""
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == y_true).astype(float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        in_bin = (confidence > lo) & (confidence <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(ece)
+
+
+def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
+    k = min(k, probs.shape[1])
+    top = np.argsort(-probs, axis=1)[:, :k]
+    return float((top == y_true[:, None]).any(axis=1).mean())
+
+
+def classification_report(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], top_k: int,
+                          ece_bins: int) -> dict:
+    """Accuracy, top-k, macro/weighted F1, ECE, per-class precision/recall/F1 and the confusion matrix."""
+    y_pred = probs.argmax(axis=1)
+    labels = list(range(len(class_names)))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        y_true, y_pred, labels=labels, zero_division=0)
+    return {
+        "accuracy": float((y_pred == y_true).mean()),
+        f"top_{min(top_k, len(class_names))}_accuracy": top_k_accuracy(y_true, probs, top_k),
+        "f1_macro": float(skm.f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "f1_weighted": float(skm.f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)),
+        "ece": expected_calibration_error(y_true, probs, ece_bins),
+        "per_class": [
+            {"class": name, "precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+            for name, p, r, f, s in zip(class_names, precision, recall, f1, support, strict=True)
+        ],
+        "confusion": skm.confusion_matrix(y_true, y_pred, labels=labels),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int, warmup: int,
+               device: torch.device) -> dict[str, float]:
+    """Batch-1 latency: `warmup` untimed runs first (allocator, caches, lazy init), then `runs` timed ones."""
+    model = model.to(device).eval()
+    x = torch.rand((1, *input_shape), device=device)
+    for _ in range(warmup):
+        model(x)
+    _sync(device)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(x)
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000.0)
+    times.sort()
+    return {"latency_ms_p50": statistics.median(times),
+            "latency_ms_p90": times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))],
+            "latency_runs": len(times), "latency_warmup_runs": warmup}
+
+
+@torch.no_grad()
+def throughput(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: torch.device,
+               repeats: int = 3) -> float:
+    """Images per second at `batch_size`, best of `repeats` after one warm-up batch."""
+    model = model.to(device).eval()
+    x = torch.rand((batch_size, *input_shape), device=device)
+    model(x)
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return batch_size / best
+
+
+@torch.no_grad()
+def peak_memory_mb(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
+                   device: torch.device) -> float:
+    """Peak memory of one forward pass at `batch_size`: exact on CUDA, the process RSS growth on the CPU."""
+    model = model.to(device).eval()
+    x = torch.rand((batch_size, *input_shape), device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        model(x)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import psutil
+
+    proc = psutil.Process()
+    before = proc.memory_info().rss
+    model(x)
+    return max(0.0, (proc.memory_info().rss - before) / 2**20)
+
+
+def macs_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one forward pass, counted by torch's own FLOP counter (FLOPs / 2)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(torch.zeros((1, *input_shape)))
+    return int(counter.get_total_flops() // 2)

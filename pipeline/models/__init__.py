@@ -1,0 +1,1 @@
+"""Models: the configurable CNN and its presets, the architecture registry, transfer heads."""

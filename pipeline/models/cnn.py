@@ -1,0 +1,136 @@
+"""A CNN built from a list of conv blocks, with the seed's presets.
+
+seed_mnist      Conv3x3(32, same)+ReLU+MaxPool2 -> Conv3x3(64, same)+ReLU+MaxPool2 -> Flatten -> Dense128 -> Dense10
+                421,642 parameters at 28x28x1 (320 + 18,496 + 401,536 + 1,290).
+keras_tutorial  Conv3x3(32, valid)+Pool -> Conv3x3(64, valid)+Pool -> Conv3x3(64, valid) -> Dense64 -> Dropout .5
+                93,322 parameters at 28x28x1.
+lenet5          LeCun et al. 1998: Conv5x5(6)+tanh+AvgPool -> Conv5x5(16)+tanh+AvgPool -> 120 -> 84 -> 10
+                (61,706 parameters at 32x32x1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.fundamentals.sizes import conv_output_size, resolve_padding
+
+
+@dataclass(frozen=True)
+class Block:
+    filters: int
+    kernel_size: int = 3
+    padding: str | int = "same"
+    stride: int = 1
+    batch_norm: bool = False
+    activation: str = "relu"
+    pool: str = "max"
+    pool_size: int = 2
+
+
+@dataclass(frozen=True)
+class CNNSpec:
+    blocks: tuple[Block, ...]
+    head: str = "flatten"
+    dense: tuple[int, ...] = (128,)
+    dropout: float = 0.0
+    dense_activation: str = "relu"
+    name: str = "custom"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "head": self.head, "dense": list(self.dense), "dropout": self.dropout,
+                "dense_activation": self.dense_activation,
+                "blocks": [vars(b).copy() for b in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CNNSpec:
+        return cls(blocks=tuple(Block(**b) for b in d["blocks"]), head=d["head"], dense=tuple(d["dense"]),
+                   dropout=d["dropout"], dense_activation=d.get("dense_activation", "relu"), name=d["name"])
+
+
+PRESETS: dict[str, CNNSpec] = {
+    "seed_mnist": CNNSpec(
+        name="seed_mnist", blocks=(Block(32), Block(64)), head="flatten", dense=(128,),
+    ),
+    "keras_tutorial": CNNSpec(
+        name="keras_tutorial",
+        blocks=(Block(32, padding="valid"), Block(64, padding="valid"), Block(64, padding="valid", pool="none")),
+        head="flatten", dense=(64,), dropout=0.5,
+    ),
+    "lenet5": CNNSpec(
+        name="lenet5",
+        blocks=(Block(6, 5, "valid", activation="tanh", pool="avg"),
+                Block(16, 5, "valid", activation="tanh", pool="avg")),
+        head="flatten", dense=(120, 84), dense_activation="tanh",
+    ),
+}
+
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
+
+
+@dataclass
+class _Shape:
+    channels: int
+    size: int
+    trail: list[str] = field(default_factory=list)
+
+
+class CNN(nn.Module):
+    """`features` (the conv base, used by transfer learning and feature-map views) then `classifier`."""
+
+    def __init__(self, spec: CNNSpec, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.spec = spec
+        shape = _Shape(in_channels, image_size)
+        layers: list[nn.Module] = []
+        for i, block in enumerate(spec.blocks, start=1):
+            where = f"model block {i} (conv {block.kernel_size}x{block.kernel_size}, {block.filters} filters)"
+            out = conv_output_size(shape.size, block.kernel_size, block.stride, block.padding, layer=where)
+            pad = resolve_padding(block.padding, block.kernel_size)
+            layers.append(nn.Conv2d(shape.channels, block.filters, block.kernel_size, block.stride, pad))
+            if block.batch_norm:
+                layers.append(nn.BatchNorm2d(block.filters))
+            layers.append(_ACTIVATIONS[block.activation]())
+            shape = _Shape(block.filters, out.size)
+            if block.pool != "none":
+                if block.pool_size > shape.size:
+                    raise PipelineError(
+                        f"model block {i}: {block.pool} pool {block.pool_size}x{block.pool_size} does not fit its "
+                        f"{shape.size}x{shape.size} input (input {image_size}x{image_size}; remove a block, "
+                        "use padding 'same' or a larger data.image_size)"
+                    )
+                pool_cls = nn.MaxPool2d if block.pool == "max" else nn.AvgPool2d
+                layers.append(pool_cls(block.pool_size))
+                shape = _Shape(shape.channels, shape.size // block.pool_size)
+        self.features = nn.Sequential(*layers)
+        self.feature_channels = shape.channels
+        head: list[nn.Module] = []
+        if spec.head == "global_avg_pool":
+            head += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+            width = shape.channels
+        else:
+            head.append(nn.Flatten())
+            width = shape.channels * shape.size * shape.size
+        for units in spec.dense:
+            head += [nn.Linear(width, units), _ACTIVATIONS[spec.dense_activation]()]
+            if spec.dropout > 0:
+                head.append(nn.Dropout(spec.dropout))
+            width = units
+        head.append(nn.Linear(width, num_classes))
+        self.classifier = nn.Sequential(*head)
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def spec_from_params(preset: str, blocks: list, head: str, dense: list[int], dropout: float) -> CNNSpec:
+    """The named preset, or (preset `custom`) the layer stack written in params.model."""
+    if preset != "custom":
+        return PRESETS[preset]
+    return CNNSpec(
+        name="custom",
+        blocks=tuple(Block(**b.model_dump()) if hasattr(b, "model_dump") else Block(**b) for b in blocks),
+        head=head, dense=tuple(dense), dropout=dropout,
+    )

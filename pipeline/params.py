@@ -1,0 +1,384 @@
+"""The typed schema of params.yaml: the one place that reads, validates and explains it.
+
+Every stage calls `load()` first. A bad value stops the stage with one line such as
+`params.yaml: train.lr must be > 0 (got -0.1)` and exit code 2 (see `pipeline.errors`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------------------------- data
+class SplitParams(Section):
+    train: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.7
+    val: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+    test: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.15
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitParams:
+        total = self.train + self.val + self.test
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train + val + test must sum to 1 (got {total:g})")
+        return self
+
+
+class DataParams(Section):
+    source: Literal["embedded", "mnist", "fashion_mnist", "cifar10", "folder"] = "embedded"
+    raw_dir: str = "data/raw"
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 28
+    channels: Literal[1, 3] = 1
+    split: SplitParams = SplitParams()
+    min_per_class: Annotated[int, Field(ge=3)] = 5
+    max_per_class: Annotated[int, Field(ge=3)] | None = None
+    on_corrupt: Literal["skip", "fail"] = "skip"
+    sample_grid: Annotated[int, Field(ge=1, le=20)] = 8
+
+
+# ------------------------------------------------------------------------------------------ augment
+class CoarseDropoutParams(Section):
+    p: Probability = 0.0
+    max_holes: Annotated[int, Field(ge=1, le=16)] = 1
+    max_size: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
+
+
+class AugmentParams(Section):
+    enabled: bool = True
+    rotation_range: Annotated[float, Field(ge=0.0, le=180.0)] = 20.0
+    width_shift_range: Fraction = 0.2
+    height_shift_range: Fraction = 0.2
+    zoom_range: Fraction = 0.2
+    affine_p: Probability = 0.8
+    horizontal_flip: bool = False
+    flip_p: Probability = 0.5
+    brightness: Fraction = 0.0
+    contrast: Fraction = 0.0
+    brightness_contrast_p: Probability = 0.0
+    coarse_dropout: CoarseDropoutParams = CoarseDropoutParams()
+    offline_copies: Annotated[int, Field(ge=0, le=20)] = 0
+    preview_images: Annotated[int, Field(ge=1, le=16)] = 6
+    preview_views: Annotated[int, Field(ge=1, le=12)] = 6
+
+
+# -------------------------------------------------------------------------------------------- model
+class ConvBlock(Section):
+    filters: Annotated[int, Field(ge=1, le=4096)]
+    kernel_size: Annotated[int, Field(ge=1, le=15)] = 3
+    padding: Literal["same", "valid"] | Annotated[int, Field(ge=0)] = "same"
+    stride: Annotated[int, Field(ge=1, le=8)] = 1
+    batch_norm: bool = False
+    activation: Literal["relu", "tanh", "gelu"] = "relu"
+    pool: Literal["max", "avg", "none"] = "max"
+    pool_size: Annotated[int, Field(ge=1, le=8)] = 2
+
+
+class ModelParams(Section):
+    preset: Literal["seed_mnist", "keras_tutorial", "lenet5", "custom"] = "seed_mnist"
+    # Used when preset is `custom`: the layer stack, written out.
+    blocks: list[ConvBlock] = [ConvBlock(filters=32), ConvBlock(filters=64), ConvBlock(filters=128)]
+    head: Literal["flatten", "global_avg_pool"] = "flatten"
+    dense: list[Annotated[int, Field(ge=1)]] = [128]
+    dropout: Fraction = 0.0
+
+
+# -------------------------------------------------------------------------------------------- train
+class EarlyStoppingParams(Section):
+    enabled: bool = True
+    monitor: Literal["val_acc", "val_loss"] = "val_acc"
+    patience: Annotated[int, Field(ge=1)] = 5
+
+
+class TrainParams(Section):
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 15
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
+    label_smoothing: Fraction = 0.0
+    gradient_clip_val: Annotated[float, Field(ge=0.0)] = 0.0
+    scheduler: Literal["none", "cosine", "step", "plateau", "onecycle"] = "cosine"
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    step_size: Annotated[int, Field(ge=1)] = 5
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    early_stopping: EarlyStoppingParams = EarlyStoppingParams()
+    limit_train_batches: Annotated[float, Field(gt=0.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> TrainParams:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs must be < epochs ({self.epochs}) (got {self.warmup_epochs})")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- transfer
+class TransferParams(Section):
+    backbone: str = "resnet18"
+    # source_task: pretrain the backbone on `source_classes` of the prepared data (works offline);
+    # imagenet: torchvision's ImageNet weights from $TORCH_HOME; none: random init; or a path to a checkpoint.
+    weights: str = "source_task"
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 32
+    head_units: Annotated[int, Field(ge=1)] = 128
+    head_dropout: Fraction = 0.3
+    strategies: list[Literal["feature_extraction", "fine_tuning", "scratch"]] = [
+        "feature_extraction",
+        "fine_tuning",
+        "scratch",
+    ]
+    source_classes: list[int] = [0, 1, 2, 3, 4]
+    target_classes: list[int] = [5, 6, 7, 8, 9]
+    target_per_class: Annotated[int, Field(ge=1)] = 10
+    pretrain_epochs: Annotated[int, Field(ge=1)] = 6
+    epochs: Annotated[int, Field(ge=1)] = 20
+    batch_size: Annotated[int, Field(ge=1)] = 32
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
+    backbone_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    unfreeze_blocks: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
+    head_warmup_epochs: Annotated[int, Field(ge=0)] = 2
+    cache_features: bool = True
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_known(cls, value: str) -> str:
+        if value in ("source_task", "imagenet", "none") or value.endswith((".pt", ".pth", ".ckpt")):
+            return value
+        raise ValueError(f"must be source_task, imagenet, none or a path ending in .pt/.pth/.ckpt (got {value!r})")
+
+    @model_validator(mode="after")
+    def _classes_disjoint(self) -> TransferParams:
+        overlap = sorted(set(self.source_classes) & set(self.target_classes))
+        if overlap and self.weights == "source_task":
+            raise ValueError(f"source_classes and target_classes must not overlap (both have {overlap})")
+        if len(set(self.target_classes)) < 2:
+            raise ValueError(f"target_classes needs at least 2 classes (got {self.target_classes})")
+        return self
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+class EvaluateParams(Section):
+    top_k: Annotated[int, Field(ge=1)] = 3
+    batch_size: Annotated[int, Field(ge=1)] = 256
+    latency_runs: Annotated[int, Field(ge=3)] = 50
+    warmup_runs: Annotated[int, Field(ge=1)] = 5
+    ece_bins: Annotated[int, Field(ge=2, le=100)] = 15
+    worst_images: Annotated[int, Field(ge=1, le=64)] = 16
+
+
+# ------------------------------------------------------------------------------------------ compare
+class CompareParams(Section):
+    static: list[str] = [
+        "lenet5",
+        "alexnet",
+        "vgg16",
+        "googlenet",
+        "resnet50",
+        "efficientnet_b0",
+        "mobilenet_v2",
+        "resnet18",
+        "seed_mnist",
+    ]
+    trained: list[str] = ["lenet5", "seed_mnist", "resnet18", "mobilenet_v2"]
+    image_size: Annotated[int, Field(ge=16, le=512)] = 32
+    epochs: Annotated[int, Field(ge=1)] = 5
+    batch_size: Annotated[int, Field(ge=1)] = 64
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
+    latency_runs: Annotated[int, Field(ge=3)] = 20
+
+
+# ------------------------------------------------------------------------------------------ explain
+class ExplainParams(Section):
+    images: Annotated[int, Field(ge=1, le=8)] = 3
+    max_maps: Annotated[int, Field(ge=1, le=64)] = 16
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class TrainerParams(Section):
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
+    num_nodes: Annotated[int, Field(ge=1)] = 1
+    strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook", "fsdp", "deepspeed"] = "auto"
+    # auto: bf16/16 mixed precision on a GPU that supports it, 32-bit on the CPU.
+    precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true"] = "auto"
+    num_workers: Annotated[int, Field(ge=0, le=64)] = 0
+    deterministic: bool = True
+
+
+class MlflowParams(Section):
+    experiment: Annotated[str, Field(min_length=1)] = "cnn-pipeline"
+
+
+class Params(Section):
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+    data: DataParams = DataParams()
+    augment: AugmentParams = AugmentParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    transfer: TransferParams = TransferParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    compare: CompareParams = CompareParams()
+    explain: ExplainParams = ExplainParams()
+    trainer: TrainerParams = TrainerParams()
+    mlflow: MlflowParams = MlflowParams()
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _describe(error: dict[str, Any], source: str) -> str:
+    loc = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal[")))
+    # Pydantic appends the union member to the location ("devices.int"); the user wrote only the key.
+    loc = ".".join(p for p in loc.split(".") if p not in ("int", "str", "float", "bool", "constrained-int"))
+    kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
+    got = f"(got {value!r})"
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key {loc}"
+    if kind == "missing":
+        return f"{source}: {loc} is required"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        return f"{source}: {loc} must be {bounds[kind]} {limit} {got}"
+    if kind == "literal_error":
+        return f"{source}: {loc} must be one of {ctx.get('expected')} {got}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"{source}: {loc} must be an integer {got}"
+    if kind in ("float_parsing", "float_type"):
+        return f"{source}: {loc} must be a number {got}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"{source}: {loc} must be true or false {got}"
+    if kind in ("list_type", "model_type", "dict_type"):
+        return f"{source}: {loc} must be a {'list' if kind == 'list_type' else 'mapping'} {got}"
+    if kind == "value_error":
+        message = str(ctx.get("error", error["msg"]))
+        return f"{source}: {loc + ' ' if loc else ''}{message}".rstrip()
+    return f"{source}: {loc}: {error['msg']} {got}"
+
+
+def parse(raw: dict[str, Any] | None, source: str = "params.yaml") -> Params:
+    """Validate a params mapping; raise PipelineError with one line naming the first bad value."""
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as exc:
+        # A union reports one error per member; the most informative is the last of the first key's errors.
+        errors = exc.errors()
+        first_loc = errors[0]["loc"]
+        same = [e for e in errors if e["loc"][: len(first_loc) - 1] == first_loc[: len(first_loc) - 1]]
+        chosen = next((e for e in same if e["type"] not in ("literal_error",)), errors[0])
+        if len(same) > 1 and any(e["type"] == "literal_error" for e in same):
+            chosen = _merge_union(same) or chosen
+        raise PipelineError(_describe(chosen, source)) from None
+
+
+def _merge_union(errors: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """For `int | Literal[...]` keys, report both allowed forms in one line."""
+    lit = next((e for e in errors if e["type"] == "literal_error"), None)
+    num = next((e for e in errors if e["type"] != "literal_error"), None)
+    if lit is None or num is None:
+        return None
+    loc = tuple(p for p in lit["loc"] if not str(p).startswith("literal["))
+    if num["type"] in ("greater_than_equal", "greater_than"):
+        return {**num, "loc": loc}
+    expected = f"an integer or {lit['ctx']['expected']}"
+    return {"type": "value_error", "loc": loc, "ctx": {"error": f"must be {expected} (got {lit['input']!r})"}}
+
+
+def load(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"{path}: not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise PipelineError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise PipelineError(f"{path}: must be a mapping of sections (got {type(raw).__name__})")
+    return parse(raw, source=path.name)
+
+
+def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested params to dotted keys: {'train': {'lr': 0.1}} -> {'train.lr': 0.1}."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict | BaseModel) for v in value):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}{i}."))
+        return out
+    return {prefix.rstrip("."): value}
+
+
+# ----------------------------------------------------------------------------------------- profiles
+def apply_profile(name: str, params_path: str | Path = PARAMS_FILE) -> None:
+    """Overlay pipeline/profiles/<name>.yaml onto params.yaml, keeping its comments (e.g. `tiny` for tests)."""
+    from ruamel.yaml import YAML
+
+    profile_path = PROFILES_DIR / f"{name}.yaml"
+    if not profile_path.exists():
+        known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+        raise PipelineError(f"unknown profile {name!r}; known profiles: {', '.join(known)}")
+    ryaml = YAML()
+    ryaml.preserve_quotes = True
+    params_path = Path(params_path)
+    doc = ryaml.load(params_path.read_text())
+    overlay = yaml.safe_load(profile_path.read_text()) or {}
+
+    def merge(target: Any, patch: dict[str, Any]) -> None:
+        for key, value in patch.items():
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                merge(target[key], value)
+            else:
+                target[key] = value
+
+    merge(doc, overlay)
+    from pipeline.atomic import atomic_path
+
+    with atomic_path(params_path) as tmp, open(tmp, "w") as fh:
+        ryaml.dump(doc, fh)
+    load(params_path)  # the result must still validate
+
+
+def _main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.params", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="validate params.yaml")
+    apply = sub.add_parser("apply-profile", help="overlay a profile (e.g. tiny) onto params.yaml")
+    apply.add_argument("name")
+    apply.add_argument("--file", default=str(PARAMS_FILE))
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        load()
+        print("params.yaml: ok")
+    else:
+        apply_profile(args.name, args.file)
+        print(f"{args.file}: applied profile {args.name}")
+
+
+if __name__ == "__main__":
+    from pipeline.errors import stage_main
+
+    stage_main(_main)()
+    sys.exit(0)

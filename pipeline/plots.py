@@ -1,0 +1,157 @@
+"""Figures people would rather look at than read: grids, curves, confusion matrices, filters, feature maps."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pipeline.atomic import save_figure  # noqa: E402
+
+
+def _show(ax, img: np.ndarray, title: str | None = None, cmap: str | None = None) -> None:
+    img = np.asarray(img)
+    if img.ndim == 3 and img.shape[-1] == 1:
+        img = img[..., 0]
+    ax.imshow(img, cmap=cmap or ("gray" if img.ndim == 2 else None), interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=8)
+
+
+def image_grid(images: Sequence[np.ndarray], titles: Sequence[str], path: Path, cols: int = 8,
+               suptitle: str = "", cell: float = 1.3) -> Path:
+    """Images in a grid with a short title each."""
+    rows = max(1, math.ceil(len(images) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * cell, rows * cell + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, img, title in zip(axes.flat, images, titles, strict=False):
+        ax.axis("on")
+        _show(ax, img, title)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    return save_figure(fig, path)
+
+
+def sample_grid(x: np.ndarray, y: np.ndarray, class_names: list[str], per_class: int, path: Path) -> Path:
+    """`per_class` training images of every class, one row per class."""
+    n = len(class_names)
+    fig, axes = plt.subplots(n, per_class, figsize=(per_class * 1.0, n * 1.0 + 0.3), squeeze=False)
+    for c in range(n):
+        idx = np.flatnonzero(y == c)[:per_class]
+        for j in range(per_class):
+            ax = axes[c, j]
+            ax.axis("off")
+            if j < len(idx):
+                _show(ax, x[idx[j]])
+        axes[c, 0].text(-0.3, 0.5, class_names[c], transform=axes[c, 0].transAxes, ha="right", va="center",
+                        fontsize=9)
+    fig.suptitle("Training samples by class", fontsize=10)
+    return save_figure(fig, path)
+
+
+def augmentation_preview(originals: Sequence[np.ndarray], views: Sequence[Sequence[np.ndarray]],
+                         path: Path) -> Path:
+    """Each row: the original image, then its augmented views."""
+    rows, cols = len(originals), 1 + max(len(v) for v in views)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.2 + 0.3), squeeze=False)
+    for r, (orig, row_views) in enumerate(zip(originals, views, strict=True)):
+        _show(axes[r, 0], orig, "original" if r == 0 else None)
+        for c, view in enumerate(row_views, start=1):
+            _show(axes[r, c], view, f"aug {c}" if r == 0 else None)
+    fig.suptitle("Augmentation preview (albumentations pipeline from params.augment)", fontsize=9)
+    return save_figure(fig, path)
+
+
+def learning_curves(rows: list[dict[str, float]], path: Path, title: str) -> Path:
+    """Loss and accuracy per epoch, train against val."""
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key, ax in (("loss", ax_loss), ("acc", ax_acc)):
+        for split, style in (("train", "-o"), ("val", "-s")):
+            values = [r.get(f"{split}_{key}") for r in rows]
+            if any(v is not None for v in values):
+                ax.plot(epochs, values, style, label=split, markersize=3)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def confusion_matrix(cm: np.ndarray, class_names: list[str], path: Path, title: str,
+                     normalize: bool = False) -> Path:
+    values = cm.astype(float)
+    if normalize:
+        values = values / np.maximum(values.sum(axis=1, keepdims=True), 1)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * n, 0.8 + 0.5 * n))
+    im = ax.imshow(values, cmap="Blues")
+    ax.set_xticks(range(n), class_names, rotation=45 if n > 10 else 0)
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    threshold = values.max() / 2 if values.size else 0
+    for i in range(n):
+        for j in range(n):
+            text = f"{values[i, j]:.2f}" if normalize else f"{int(values[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if values[i, j] > threshold else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)
+
+
+def bubble_chart(rows: list[dict], path: Path) -> Path:
+    """Test accuracy against parameters (log x), bubble area by multiply-accumulates."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    macs = np.array([max(r["macs"], 1) for r in rows], dtype=float)
+    sizes = 60 + 900 * (macs / macs.max())
+    ax.scatter([r["params"] for r in rows], [r["test_acc"] for r in rows], s=sizes, alpha=0.5)
+    for r in rows:
+        ax.annotate(r["architecture"], (r["params"], r["test_acc"]), fontsize=8, ha="center", va="bottom")
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs parameters (bubble area = MACs per image)", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    return save_figure(fig, path)
+
+
+def filter_grid(weights: np.ndarray, path: Path, title: str, max_filters: int = 32) -> Path:
+    """First-layer filters (out, in, k, k) as images, each scaled to its own range."""
+    w = weights[:max_filters]
+    imgs = []
+    for f in w:
+        img = f.transpose(1, 2, 0) if f.shape[0] == 3 else f.mean(axis=0)
+        img = (img - img.min()) / (img.max() - img.min() + 1e-8)
+        imgs.append(img)
+    return image_grid(imgs, [f"#{i}" for i in range(len(imgs))], path, cols=min(8, len(imgs)),
+                      suptitle=title, cell=1.0)
+
+
+def feature_maps(blocks: list[tuple[str, np.ndarray]], image: np.ndarray, path: Path, max_maps: int) -> Path:
+    """One row per conv block: the first `max_maps` channels of its output for one image."""
+    cols = max_maps + 1
+    fig, axes = plt.subplots(len(blocks), cols, figsize=(cols * 0.9, len(blocks) * 1.0 + 0.4), squeeze=False)
+    for r, (name, maps) in enumerate(blocks):
+        _show(axes[r, 0], image, "input" if r == 0 else None)
+        axes[r, 0].set_ylabel(name, fontsize=7)
+        for c in range(1, cols):
+            ax = axes[r, c]
+            ax.axis("off")
+            if c - 1 < len(maps):
+                ax.imshow(maps[c - 1], cmap="viridis", interpolation="nearest")
+        axes[r, 1].set_title(f"{name}: {maps.shape[0]} maps of {maps.shape[1]}x{maps.shape[2]}", fontsize=7,
+                             loc="left")
+    fig.suptitle("Feature maps: edges -> patterns -> objects", fontsize=10)
+    return save_figure(fig, path)

@@ -1,0 +1,52 @@
+"""augment: build the albumentations pipeline from params.augment, save it, preview it.
+
+Reads params: seed, augment. Writes data/augmented/pipeline.json (what the training stages load),
+optional offline copies (data/augmented/offline.npz) and plots/augment/preview.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import plots
+from pipeline.atomic import atomic_dir
+from pipeline.data import augment as aug
+from pipeline.data.prepared import PreparedData
+from pipeline.errors import stage_main
+from pipeline.params import load
+
+OUT_DIR = Path("data/augmented")
+
+
+@stage_main
+def main() -> None:
+    p = load()
+    a = p.augment
+    data = PreparedData.load()
+    transform = aug.from_params(a, p.seed)
+    names = [type(t).__name__ for t in transform.transforms] or ["(none: augment.enabled is false)"]
+    print(f"augment: {', '.join(names)}", flush=True)
+
+    with atomic_dir(OUT_DIR) as tmp:
+        aug.save(transform, tmp / "pipeline.json")
+        if a.offline_copies:
+            # Materialized copies for augmentation-bound training; the pipeline reloads with the run's seed.
+            saved = aug.load(tmp / "pipeline.json", seed=p.seed)
+            x, y = data.x["train"], data.y["train"]
+            copies = [np.stack([aug.apply(saved, img) for img in x]) for _ in range(a.offline_copies)]
+            with open(tmp / "offline.npz", "wb") as fh:
+                np.savez(fh, x=np.concatenate(copies), y=np.tile(y, a.offline_copies))
+            print(f"augment: wrote {a.offline_copies} augmented copies of {len(x)} training images", flush=True)
+
+    preview = aug.load(OUT_DIR / "pipeline.json", seed=p.seed)
+    rng = np.random.default_rng(p.seed)
+    picks = rng.choice(len(data.x["train"]), size=min(a.preview_images, len(data.x["train"])), replace=False)
+    originals = [data.x["train"][i] for i in picks]
+    views = [[aug.apply(preview, img) for _ in range(a.preview_views)] for img in originals]
+    plots.augmentation_preview(originals, views, Path("plots/augment/preview.png"))
+
+
+if __name__ == "__main__":
+    main()

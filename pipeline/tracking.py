@@ -1,0 +1,189 @@
+"""Everything MLflow, in one place: the store, runs and tags, parameter counts, figures, models.
+
+The default store is a SQLite file `mlflow.db` at the repository root with artifacts under `mlartifacts/`;
+`MLFLOW_TRACKING_URI` points the project at a tracking server instead.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.errors import PipelineError
+from pipeline.fundamentals.summary import format_table, layer_table, param_counts, table_rows
+
+MODEL_ARTIFACT = "model"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the project's SQLite file (set explicitly: Lightning's ./mlruns
+    fallback is refused by MLflow 3)."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path.cwd() / 'mlflow.db').as_posix()}"
+
+
+def _artifact_location() -> str | None:
+    """A local SQLite store keeps artifacts in mlartifacts/ beside the database; a server decides its own."""
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def check_store(uri: str | None = None) -> str:
+    """Fail in one line, before any training, when the tracking store cannot be reached."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=5).raise_for_status()
+        except requests.RequestException as exc:
+            raise PipelineError(f"MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); "
+                                "start it or unset MLFLOW_TRACKING_URI") from None
+    elif uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise PipelineError(f"MLflow store {uri}: folder {folder} is missing or not writable")
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """The experiment's id, created (with the project's artifact folder) when missing."""
+    import mlflow
+
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(name, artifact_location=_artifact_location())
+    except mlflow.exceptions.MlflowException:
+        # Created meanwhile by a concurrent stage.
+        return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def run_tags(stage: str, model: str, data_hash: str) -> dict[str, str]:
+    """Tags that tie a run to its code, data and DVC experiment."""
+    tags = {
+        "stage": stage,
+        "model": model,
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower(),
+        "dvc_stage": stage,
+        "data_hash": data_hash,
+    }
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    return tags
+
+
+def make_logger(experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None):
+    """Lightning's MLFlowLogger on the project's store (rank zero creates the run)."""
+    from pytorch_lightning.loggers import MLFlowLogger
+
+    uri = tracking_uri()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+        ensure_experiment(experiment)
+    return MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=tags,
+                        run_id=run_id, artifact_location=_artifact_location())
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def log_params(run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    c = client()
+    for i in range(0, len(items), 100):
+        c.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if v is not None]
+    if items:
+        client().log_batch(run_id, metrics=items)
+
+
+def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    client().log_artifact(run_id, str(path), artifact_path)
+
+
+def log_param_counts(run_id: str, model: nn.Module, input_shape: tuple[int, ...], title: str,
+                     net: nn.Module | None = None) -> dict[str, int]:
+    """Total/trainable/non-trainable counts as params and metrics, plus the per-layer table (CSV and text),
+    printed to the console as Keras' model.summary() does."""
+    from pipeline.atomic import write_csv
+
+    net = net or model
+    counts = param_counts(net)
+    rows = layer_table(net, input_shape)
+    text = format_table(rows, title)
+    print(text, flush=True)
+    log_params(run_id, {f"params_{k}": v for k, v in counts.items()})
+    log_metrics(run_id, {f"params_{k}": v for k, v in counts.items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        write_csv(Path(tmp) / "layers.csv", table_rows(rows))
+        (Path(tmp) / "layers.txt").write_text(text + "\n")
+        log_artifact(run_id, Path(tmp) / "layers.csv", "summary")
+        log_artifact(run_id, Path(tmp) / "layers.txt", "summary")
+    return counts
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    def pin(name: str) -> str:
+        return f"{name}=={version(name).split('+')[0]}"
+
+    return [pin("torch"), pin("torchvision"), pin("cloudpickle"), pin("numpy")]
+
+
+def log_model(run_id: str, model: nn.Module, example: torch.Tensor) -> str:
+    """Log the model with a signature, an input example (batch >= 2) and explicit pip requirements.
+
+    Pickle format: the `pt2` export would freeze the example's batch size; pickle serves any batch size.
+    The `pipeline` package travels as code so the model also loads outside this repository.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    example = example[: max(2, min(len(example), 4))].cpu().float()
+    with torch.no_grad():
+        output = model(example).numpy()
+    signature = infer_signature(example.numpy(), output)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model, name=MODEL_ARTIFACT, signature=signature, input_example=example.numpy().astype(np.float32),
+            pip_requirements=_pip_requirements(), serialization_format="pickle",
+            code_paths=[str(Path(__file__).parent)],
+        )
+    return info.model_uri

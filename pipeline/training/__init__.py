@@ -1,0 +1,1 @@
+"""Training: the LightningModule, the Trainer built from params.trainer, and callbacks."""

@@ -265,7 +265,7 @@ def _describe(error: dict[str, Any], source: str) -> str:
     if kind in ("list_type", "model_type", "dict_type"):
         return f"{source}: {loc} must be a {'list' if kind == 'list_type' else 'mapping'} {got}"
     if kind == "value_error":
-        message = str(ctx.get("error", error["msg"]))
+        message = str(ctx.get("error", error.get("msg", "")))
         return f"{source}: {loc + ' ' if loc else ''}{message}".rstrip()
     return f"{source}: {loc}: {error['msg']} {got}"
 

@@ -1,0 +1,82 @@
+"""Fixtures: tiny real data (generated images, the embedded digits), a private MLflow store, a repo copy."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def run_module(module: str, cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m module` the way DVC does, in `cwd`."""
+    full_env = os.environ | {"CI": "true"} | (env or {})
+    return subprocess.run([PYTHON, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=full_env,
+                          timeout=900)
+
+
+@pytest.fixture
+def mlflow_store(tmp_path, monkeypatch) -> str:
+    """A private SQLite MLflow store for one test."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The embedded digits at 28x28x1: real images, offline."""
+    from pipeline.data.sources import load_embedded
+
+    return load_embedded(28, 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(digits):
+    """A prepared data set of 20 digits per class."""
+    from pipeline.data.prepared import build_prepared
+
+    return build_prepared(digits.images, digits.labels, digits.class_names, (0.6, 0.2, 0.2), seed=0,
+                          min_per_class=5, max_per_class=20)
+
+
+def make_repo_copy(dest: Path, profile: str | None = "tiny") -> Path:
+    """A git + DVC copy of the project's tracked files (no outputs, no store), optionally with a profile."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    if profile:
+        subprocess.run([PYTHON, "-m", "pipeline.params", "apply-profile", profile], cwd=dest, check=True,
+                       capture_output=True)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "copy"], cwd=dest, check=True)
+    return dest
+
+
+def write_image(path: Path, mode: str, size: tuple[int, int], value: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(value)
+    channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
+    arr = rng.integers(0, 255, size=(size[1], size[0], channels), dtype=np.uint8)
+    Image.fromarray(arr[..., 0] if channels == 1 else arr, mode).save(path)

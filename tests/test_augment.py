@@ -1,0 +1,76 @@
+"""augment: the serialized pipeline round-trips, applies to train only, and is reproducible by seed."""
+
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import augment as aug
+from pipeline.data.datamodule import ImageDataModule
+from pipeline.errors import PipelineError
+from pipeline.params import AugmentParams, parse
+
+
+def default_pipeline(seed=0, **overrides):
+    return aug.from_params(AugmentParams(**overrides), seed)
+
+
+def test_roundtrip_gives_the_same_transforms(tmp_path):
+    transform = default_pipeline(coarse_dropout={"p": 0.5}, horizontal_flip=True)
+    aug.save(transform, tmp_path / "pipeline.json")
+    loaded = aug.load(tmp_path / "pipeline.json", seed=0)
+    assert A.to_dict(loaded) == A.to_dict(transform)
+    names = [type(t).__name__ for t in loaded.transforms]
+    assert names == ["Affine", "HorizontalFlip", "CoarseDropout"]
+    image = np.random.default_rng(0).integers(0, 255, (28, 28, 1), dtype=np.uint8)
+    fresh = aug.load(tmp_path / "pipeline.json", seed=5)
+    again = aug.load(tmp_path / "pipeline.json", seed=5)
+    assert np.array_equal(aug.apply(fresh, image), aug.apply(again, image))
+
+
+def test_disabled_is_empty():
+    assert len(default_pipeline(enabled=False).transforms) == 0
+
+
+def splits(tiny_prepared):
+    return {s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val", "test")}
+
+
+def test_train_loader_augments_and_val_does_not(tiny_prepared):
+    dm = ImageDataModule(splits(tiny_prepared), 16, 0, 0, default_pipeline(affine_p=1.0, rotation_range=30))
+    train_x, _ = next(iter(dm.train_dataloader()))
+    val_x, _ = next(iter(dm.val_dataloader()))
+    expected_val = torch.from_numpy(tiny_prepared.x["val"][:16]).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(val_x, expected_val)  # val: pixels untouched
+    plain = ImageDataModule(splits(tiny_prepared), 16, 0, 0, None)
+    plain_x, _ = next(iter(plain.train_dataloader()))
+    assert not torch.equal(train_x, plain_x)  # same order (same seed), different pixels
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_same_seed_same_augmented_batch(tiny_prepared, workers):
+    def first_batch(seed):
+        dm = ImageDataModule(splits(tiny_prepared), 16, workers, seed, default_pipeline(seed, affine_p=1.0))
+        return next(iter(dm.train_dataloader()))[0]
+
+    assert torch.equal(first_batch(3), first_batch(3))
+    assert not torch.equal(first_batch(3), first_batch(4))
+
+
+def test_bad_augment_params_are_one_line():
+    with pytest.raises(PipelineError, match=r"augment.rotation_range must be >= 0.0 \(got -10\)"):
+        parse({"augment": {"rotation_range": -10}})
+    with pytest.raises(PipelineError, match=r"augment.coarse_dropout.p must be <= 1.0 \(got 2\)"):
+        parse({"augment": {"coarse_dropout": {"p": 2}}})
+    with pytest.raises(PipelineError, match="unknown key augment.solarize"):
+        parse({"augment": {"solarize": True}})
+
+
+def test_missing_or_corrupt_pipeline_file(tmp_path):
+    with pytest.raises(PipelineError, match="no augmentation pipeline"):
+        aug.load(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text('{"transform": {"__class_fullname__": "NoSuchTransform"}}')
+    with pytest.raises(PipelineError, match="not a valid albumentations pipeline"):
+        aug.load(tmp_path / "bad.json")

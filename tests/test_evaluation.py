@@ -1,0 +1,52 @@
+"""Metrics on hand-made predictions equal hand-computed values; latency is measured after warm-up."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.evaluation import classification_report, expected_calibration_error, latency_ms
+
+
+def hand_made():
+    # 6 samples, 3 classes; predictions: 0,0,1,1,2,0 ; truth: 0,0,1,2,2,1
+    probs = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1],
+                      [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+    return np.array([0, 0, 1, 2, 2, 1]), probs
+
+
+def test_metrics_equal_hand_computed_values():
+    y, probs = hand_made()
+    report = classification_report(y, probs, ["a", "b", "c"], top_k=2, ece_bins=10)
+    assert report["accuracy"] == pytest.approx(4 / 6)
+    # top-2: sample 3 (truth 2, top-2 = 1,0 or 1,2?) -> probs [0.1,0.8,0.1]: tie, argsort keeps index 0 first
+    assert report["top_2_accuracy"] == pytest.approx(5 / 6)
+    # per class: a: P=2/3 R=1 F1=0.8 ; b: P=1/2 R=1/2 F1=0.5 ; c: P=1 R=1/2 F1=2/3
+    f1 = [0.8, 0.5, 2 / 3]
+    assert [r["f1"] for r in report["per_class"]] == pytest.approx(f1)
+    assert report["f1_macro"] == pytest.approx(np.mean(f1))
+    assert report["f1_weighted"] == pytest.approx((0.8 * 2 + 0.5 * 2 + 2 / 3 * 2) / 6)
+    cm = report["confusion"]
+    assert cm.tolist() == [[2, 0, 0], [1, 1, 0], [0, 1, 1]]
+    assert cm.sum(axis=1).tolist() == np.bincount(y).tolist()
+
+
+def test_ece_by_hand():
+    y = np.array([0, 1])
+    probs = np.array([[0.9, 0.1], [0.6, 0.4]])  # confident right (0.9), wrong at 0.6
+    # bins of width 0.5: (0.5, 1.0] holds both: acc 0.5, conf 0.75 -> ECE 0.25
+    assert expected_calibration_error(y, probs, bins=2) == pytest.approx(0.25)
+
+
+def test_latency_runs_warmup_first():
+    calls = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            calls.append(x.shape)
+            return x
+
+    result = latency_ms(Spy(), (1, 4, 4), runs=7, warmup=3, device=torch.device("cpu"))
+    assert len(calls) == 10 and result["latency_runs"] == 7 and result["latency_warmup_runs"] == 3
+    assert 0 < result["latency_ms_p50"] <= result["latency_ms_p90"]

@@ -1,0 +1,79 @@
+"""Models: the seed's exact parameter counts, impossible stacks, the registry against torchvision."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.fundamentals.summary import layer_table, param_counts
+from pipeline.models import checkpoint, registry
+from pipeline.models.classifier import Classifier
+from pipeline.models.cnn import CNN, PRESETS, Block, CNNSpec
+
+
+def count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_seed_mnist_is_exactly_the_seed_table():
+    model = CNN(PRESETS["seed_mnist"], 1, 28, 10)
+    assert count(model) == 421_642
+    rows = [r for r in layer_table(model, (1, 28, 28)) if r.params]
+    assert [r.params for r in rows] == [320, 18_496, 401_536, 1_290]
+    flatten = next(r for r in layer_table(model, (1, 28, 28)) if r.type == "Flatten")
+    assert flatten.output_shape == (3136,)
+
+
+def test_keras_tutorial_and_lenet5():
+    assert count(CNN(PRESETS["keras_tutorial"], 1, 28, 10)) == 93_322
+    assert count(CNN(PRESETS["lenet5"], 1, 32, 10)) == 61_706
+    assert CNN(PRESETS["lenet5"], 1, 32, 10)(torch.zeros(2, 1, 32, 32)).shape == (2, 10)
+
+
+def test_impossible_stack_is_one_line_naming_layer_and_sizes():
+    spec = CNNSpec(blocks=tuple(Block(8) for _ in range(4)))
+    with pytest.raises(PipelineError, match=r"model block 4: max pool 2x2 does not fit its 1x1 input"):
+        CNN(spec, 1, 8, 10)
+    with pytest.raises(PipelineError, match=r"model block 1 .*kernel 7x7 is larger than its 6x6 input"):
+        CNN(CNNSpec(blocks=(Block(8, kernel_size=7, padding="valid"),)), 1, 6, 10)
+
+
+EXPECTED = {"resnet50": 25_557_032, "vgg16": 138_357_544, "mobilenet_v2": 3_504_872,
+            "efficientnet_b0": 5_288_548, "googlenet": 6_624_904, "alexnet": 61_100_840,
+            "resnet18": 11_689_512, "lenet5": 61_706, "seed_mnist": 421_642}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_registry_counts_equal_torchvision(name):
+    import torchvision
+
+    model = registry.get(name).build_canonical()
+    assert count(model) == EXPECTED[name]
+    if registry.get(name).torchvision:
+        kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
+        assert count(torchvision.models.get_model(name, **kwargs)) == EXPECTED[name]
+    assert param_counts(model)["total"] == EXPECTED[name]
+
+
+def test_unknown_architecture_lists_known_names():
+    with pytest.raises(PipelineError, match=r"transfer.backbone: unknown architecture 'resnet999'; known: lenet5, alexnet"):
+        registry.get("resnet999", "transfer.backbone")
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    spec = PRESETS["seed_mnist"]
+    model = Classifier(CNN(spec, 1, 28, 10), [0.3], [0.3], 1)
+    arch = checkpoint.cnn_arch(spec, 1, 28, 10)
+    checkpoint.save(tmp_path / "m.pt", model, arch, {"name": "x"})
+    loaded, meta = checkpoint.load(tmp_path / "m.pt")
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(loaded(x), model.eval()(x)) and meta["name"] == "x"
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["arch"]["num_classes"] = 5
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(PipelineError, match=r"layer net.classifier.3.weight does not fit \(shape \(10, 128\)"):
+        checkpoint.load(tmp_path / "bad.pt")
+    (tmp_path / "junk.pt").write_bytes(b"nope")
+    with pytest.raises(PipelineError, match="not a loadable torch file"):
+        checkpoint.load(tmp_path / "junk.pt")

@@ -27,3 +27,79 @@ def test_non_integer_division_is_floored_and_explained():
 def test_kernel_larger_than_input_is_an_error():
     with pytest.raises(PipelineError, match="kernel 7x7 is larger than its 5x5 input"):
         conv_output_size(5, 7, 1, 0)
+
+
+# ------------------------------------------------------------------------------ manual ops vs torch
+import numpy as np  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pipeline.fundamentals.ops import (  # noqa: E402
+    EXAMPLE_FILTER,
+    EXAMPLE_IMAGE,
+    EXAMPLE_POOL_INPUT,
+    conv2d,
+    global_avg_pool,
+    pool2d,
+)
+from pipeline.fundamentals.params import (  # noqa: E402
+    conv_params,
+    dense_params,
+    dense_weights,
+    model_formula_params,
+)
+
+
+@pytest.mark.parametrize(("stride", "padding", "c_in", "c_out", "size"),
+                         [(1, 0, 1, 1, 7), (1, 1, 3, 4, 8), (2, 1, 2, 5, 9), (3, 2, 3, 2, 11)])
+def test_manual_conv_equals_torch(stride, padding, c_in, c_out, size):
+    rng = np.random.default_rng(stride * 10 + c_out)
+    x = rng.normal(size=(2, c_in, size, size))
+    w = rng.normal(size=(c_out, c_in, 3, 3))
+    b = rng.normal(size=c_out)
+    ours = conv2d(x, w, b, stride=stride, padding=padding)
+    theirs = F.conv2d(torch.tensor(x), torch.tensor(w), torch.tensor(b), stride=stride, padding=padding).numpy()
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+@pytest.mark.parametrize(("size", "stride"), [(2, None), (3, 2), (2, 1)])
+def test_manual_pooling_equals_torch(size, stride):
+    x = np.random.default_rng(size).normal(size=(2, 3, 9, 9))
+    t = torch.tensor(x)
+    np.testing.assert_allclose(pool2d(x, size, stride, "max"), F.max_pool2d(t, size, stride).numpy(), atol=1e-5)
+    np.testing.assert_allclose(pool2d(x, size, stride, "avg"), F.avg_pool2d(t, size, stride).numpy(), atol=1e-5)
+    np.testing.assert_allclose(global_avg_pool(x), F.adaptive_avg_pool2d(t, 1).numpy()[:, :, 0, 0], atol=1e-5)
+
+
+def test_seed_worked_examples():
+    conv = conv2d(EXAMPLE_IMAGE[None, None], EXAMPLE_FILTER[None, None])[0, 0]
+    assert conv.astype(int).tolist() == [[4, 3, 4], [2, 4, 3], [2, 3, 4]]
+    assert pool2d(EXAMPLE_POOL_INPUT[None, None], 2)[0, 0].tolist() == [[6, 8], [14, 16]]
+
+
+def test_seed_parameter_table():
+    assert [conv_params(3, 1, 32), conv_params(3, 32, 64), dense_params(3136, 128), dense_params(128, 10)] == \
+        [320, 18_496, 401_536, 1_290]
+    assert sum([320, 18_496, 401_536, 1_290]) == 421_642
+    assert dense_weights([784, 512]) == 401_408  # the seed's fully connected first layer
+    assert dense_weights([784, 512, 10]) == 406_528
+    assert dense_weights([150_528, 512]) == 77_070_336
+
+
+@pytest.mark.parametrize("name", ["lenet5", "seed_mnist", "alexnet", "vgg16", "googlenet", "resnet18", "resnet50",
+                                  "mobilenet_v2", "efficientnet_b0"])
+def test_formula_counts_agree_with_torch(name):
+    from pipeline.models import registry
+
+    model = registry.get(name).build_canonical()
+    assert model_formula_params(model) == sum(p.numel() for p in model.parameters())
+
+
+def test_cli_size_and_demo():
+    from tests.conftest import REPO, run_module
+
+    out = run_module("pipeline.fundamentals", REPO, "size", "--input", "224", "--kernel", "7", "--padding", "3",
+                     "--stride", "2")
+    assert out.returncode == 0 and out.stdout.startswith("H' = 112")
+    bad = run_module("pipeline.fundamentals", REPO, "size", "--input", "5", "--kernel", "7")
+    assert bad.returncode == 2 and "kernel 7x7 is larger than its 5x5 input" in bad.stderr

@@ -52,8 +52,11 @@ def seed_worker(_worker_id: int) -> None:
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
+    # A last training batch of one sample breaks BatchNorm (one value per channel on small maps): drop it.
+    drop_last = shuffle and len(dataset) > batch_size
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
+        drop_last=drop_last,
         worker_init_fn=seed_worker if num_workers else None, persistent_workers=num_workers > 0,
         pin_memory=torch.cuda.is_available(),
     )

@@ -112,6 +112,22 @@ class FeatureDataModule(pl.LightningDataModule):
         return make_loader(self.datasets["val"], self.batch_size, False, 0, self.seed)
 
 
+def feature_extraction_setup(model: Classifier, target, size: int, batch_size: int, num_workers: int, seed: int,
+                             config: OptimConfig, cached: bool):
+    """Frozen base, trainable head. Cached: the base runs once and the head trains on its features;
+    naive: every step runs the frozen base. Same head init, data order and updates, so both agree."""
+    freeze_base(model.net, 0)
+    num_classes = int(target["train"][1].max()) + 1
+    val_images = ImageDataset(target["val"][0][:2], target["val"][1][:2], None, size)
+    example = torch.stack([val_images[i][0] for i in range(2)])
+    if cached:
+        feats = cached_features(model, target, size, batch_size)
+        module = ClassifierModule(HeadOnly(model.net.head), num_classes, config)
+        return module, FeatureDataModule(feats, batch_size, seed), example
+    module = ClassifierModule(model, num_classes, config)
+    return module, ImageDataModule(target, batch_size, num_workers, seed, None, size), example
+
+
 @stage_main
 def main() -> None:
     p = params_mod.load()
@@ -181,17 +197,9 @@ def main() -> None:
                       run_name=run_name, tags=tags, log_params=logged | {"strategy": strategy}, input_shape=shape,
                       checkpoint_name=f"transfer_{strategy}", label=f"{strategy} ")
         if strategy == "feature_extraction":
-            freeze_base(model.net, 0)
-            if tp.cache_features:
-                feats = cached_features(model, target, size, tp.batch_size)
-                head_module = ClassifierModule(HeadOnly(model.net.head), len(tp.target_classes), optim())
-                val_images = ImageDataset(target["val"][0][:2], target["val"][1][:2], None, size)
-                example = torch.stack([val_images[i][0] for i in range(2)])
-                result = fit(head_module, FeatureDataModule(feats, tp.batch_size, p.seed), tracked=model,
-                             example=example, **common)
-            else:
-                result = fit(ClassifierModule(model, len(tp.target_classes), optim()),
-                             datamodule(target, augment=False), **common)
+            module, dm, example = feature_extraction_setup(
+                model, target, size, tp.batch_size, p.trainer.num_workers, p.seed, optim(), tp.cache_features)
+            result = fit(module, dm, tracked=model, example=example, **common)
         elif strategy == "fine_tuning":
             freeze_base(model.net, tp.unfreeze_blocks)  # the final trainable state, for the logged table
             callbacks = []

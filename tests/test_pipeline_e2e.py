@@ -1,0 +1,74 @@
+"""End to end: `dvc repro` of every stage in a temporary copy of the repository, with the tiny profile."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_repo_copy
+
+STAGES = ["prepare", "augment", "train_scratch", "transfer_learn", "evaluate", "compare"]
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CI": "true",
+                        "DVC_NO_ANALYTICS": "1", "NO_ALBUMENTATIONS_UPDATE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=env, timeout=1800)
+
+
+def ran(result: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"Running stage '([a-z_]+)'", result.stdout)
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    repo = make_repo_copy(tmp_path_factory.mktemp("e2e") / "repo")
+    first = dvc(repo, "repro")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    return repo, first
+
+
+@pytest.mark.slow
+def test_repro_runs_all_six_stages_offline(repro):
+    repo, first = repro
+    assert ran(first) == STAGES
+    for path in ["data/prepared/dataset.npz", "data/augmented/pipeline.json", "models/scratch/model.pt",
+                 "models/transfer/fine_tuning.pt", "reports/compare.md", "reports/compare.csv",
+                 "plots/augment/preview.png", "plots/evaluate/predictions/seed_mnist.csv", "mlflow.db"]:
+        assert (repo / path).exists(), path
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert set(evaluate) == {"seed_mnist", "transfer_feature_extraction", "transfer_fine_tuning", "transfer_scratch"}
+    assert 0.0 <= evaluate["seed_mnist"]["accuracy"] <= 1.0
+    scratch = json.loads((repo / "metrics/train_scratch.json").read_text())
+    assert scratch["params_total"] == 421_642 and len(scratch["mlflow_run_id"]) == 32
+    dag = dvc(repo, "dag")
+    assert all(stage in dag.stdout for stage in STAGES)
+
+
+@pytest.mark.slow
+def test_second_repro_reruns_nothing(repro):
+    repo, _ = repro
+    again = dvc(repo, "repro")
+    assert again.returncode == 0 and ran(again) == [], again.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_only_key_reruns_only_evaluate(repro):
+    repo, _ = repro
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["top_k"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(repo, "repro")
+    assert result.returncode == 0 and ran(result) == ["evaluate"], result.stdout
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert "top_2_accuracy" in metrics["seed_mnist"]
+    shown = dvc(repo, "metrics", "show", "--json")
+    assert shown.returncode == 0 and "top_2_accuracy" in shown.stdout

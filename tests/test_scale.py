@@ -1,0 +1,168 @@
+"""Real parts at scale: an MLflow server (SQLite, PostgreSQL), its UI in Chromium, DDP, DVC experiments."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import make_repo_copy, run_module
+from tests.servers import mlflow_server, postgres_bin, postgres_cluster
+
+pytestmark = pytest.mark.slow
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@pytest.fixture(scope="module")
+def prepared_repo(tmp_path_factory) -> Path:
+    repo = make_repo_copy(tmp_path_factory.mktemp("scale") / "repo")
+    for stage in ("prepare", "augment"):
+        result = run_module(f"pipeline.stages.{stage}", repo)
+        assert result.returncode == 0, result.stderr
+    return repo
+
+
+def train_tiny(repo: Path, tracking_uri: str, **trainer) -> str:
+    if trainer:
+        params = yaml.safe_load((repo / "params.yaml").read_text())
+        params["trainer"] |= trainer
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_module("pipeline.stages.train_scratch", repo, env={"MLFLOW_TRACKING_URI": tracking_uri})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
+
+
+def assert_run_complete(tracking_uri: str, run_id: str) -> None:
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    assert run.data.params["train.epochs"] == "2" and run.data.params["params_total"] == "421642"
+    assert run.data.metrics["params_trainable"] == 421_642
+    assert len(client.get_metric_history(run_id, "val_acc")) == 2
+    assert "summary/layers.csv" in {a.path for a in client.list_artifacts(run_id, "summary")}
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.predict(np.random.rand(4, 1, 28, 28).astype(np.float32)).shape == (4, 10)
+
+
+def test_tracking_server_with_sqlite(prepared_repo, tmp_path):
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts") as url:
+        run_id = train_tiny(prepared_repo, url)
+        assert_run_complete(url, run_id)
+    assert any((tmp_path / "artifacts").rglob("layers.csv"))  # artifacts went through the server
+
+
+@pytest.mark.skipif(postgres_bin() is None, reason="PostgreSQL server binaries absent (apt-get install postgresql)")
+def test_tracking_server_with_postgresql(prepared_repo, tmp_path):
+    with postgres_cluster() as database, mlflow_server(database, tmp_path / "artifacts") as url:
+        run_id = train_tiny(prepared_repo, url)
+        assert_run_complete(url, run_id)
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver absent")
+def test_mlflow_ui_shows_the_run_in_a_real_browser(prepared_repo, tmp_path):
+    from mlflow import MlflowClient
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    os.environ.setdefault("SE_AVOID_STATS", "true")
+    with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts") as url:
+        run_id = train_tiny(prepared_repo, url)
+        run = MlflowClient(url).get_run(run_id)
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chrome'}"):
+            options.add_argument(flag)
+        driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+        try:
+            wait = WebDriverWait(driver, 60)
+
+            def body() -> str:
+                return driver.find_element("tag name", "body").text
+
+            base = f"{url}/#/experiments/{run.info.experiment_id}"
+            driver.get(f"{base}/runs")  # the experiment's training runs table
+            wait.until(lambda d: "1 matching run" in body())
+            driver.save_screenshot(str(tmp_path / "experiment.png"))
+            driver.get(f"{base}/runs/{run_id}")
+            wait.until(lambda d: "val_acc" in body() and run.info.run_name in body())
+            assert "params_total" in body() and "421642" in body()
+            driver.save_screenshot(str(tmp_path / "run.png"))
+            driver.get(f"{base}/runs/{run_id}/artifacts")
+            wait.until(lambda d: "summary" in body())
+            driver.find_element("xpath", "//*[text()='summary']").click()
+            wait.until(lambda d: "layers.csv" in body())
+            driver.find_element("xpath", "//*[text()='layers.csv']").click()
+            wait.until(lambda d: "features.0" in body() and "18496" in body())  # the per-layer table, previewed
+            driver.save_screenshot(str(tmp_path / "artifacts.png"))
+        finally:
+            driver.quit()
+    keep = os.environ.get("UI_SCREENSHOT_DIR")
+    for name in ("experiment.png", "run.png", "artifacts.png"):
+        png = tmp_path / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+        if keep:
+            shutil.copy(png, Path(keep) / name)
+
+
+def test_ddp_on_two_cpu_processes_logs_one_run(prepared_repo, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline.models import checkpoint
+
+    uri = f"sqlite:///{tmp_path}/ddp.db"
+    run_id = train_tiny(prepared_repo, uri, accelerator="cpu", devices=2, strategy="ddp")
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.run_id for r in runs] == [run_id]  # rank zero only
+    model, meta = checkpoint.load(prepared_repo / "models/scratch/model.pt")
+    assert meta["mlflow_run_id"] == run_id
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CI": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    result = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=env, timeout=1200)
+    assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def test_dvc_experiments_link_to_mlflow_runs(tmp_path):
+    from mlflow import MlflowClient
+
+    repo = make_repo_copy(tmp_path / "repo")
+    dvc(repo, "exp", "run", "train_scratch", "-n", "lr-high", "-S", "train.epochs=1", "-S", "train.lr=0.01")
+    dvc(repo, "exp", "run", "train_scratch", "-n", "lr-low", "-S", "train.epochs=1", "-S", "train.lr=0.0005")
+    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    experiments = {}
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp["revs"]:
+                experiments[rev["name"]] = rev["data"]
+    assert {"lr-high", "lr-low"} <= set(experiments)
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for name, lr in (("lr-high", 0.01), ("lr-low", 0.0005)):
+        data = experiments[name]
+        assert data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
+        metrics = data["metrics"]["metrics/train_scratch.json"]["data"]
+        run = client.get_run(metrics["mlflow_run_id"])  # DVC metrics -> MLflow run
+        assert run.data.tags["dvc_experiment"] == name  # MLflow run -> DVC experiment
+        assert run.data.params["train.lr"] == str(lr)
+    params_diff = dvc(repo, "params", "diff", "lr-low", "lr-high").stdout
+    assert "train.lr" in params_diff and "0.0005" in params_diff and "0.01" in params_diff
+    metrics_diff = dvc(repo, "metrics", "diff", "lr-low", "lr-high").stdout
+    assert "best_val_acc" in metrics_diff

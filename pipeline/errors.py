@@ -3,17 +3,10 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
-
-# Quiet and offline-safe defaults for every process the project starts: albumentations otherwise asks a
-# package index for updates at import time, DVC otherwise sends analytics.
-os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-os.environ.setdefault("DVC_NO_ANALYTICS", "1")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 # Library deprecation chatter that users cannot act on.
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")

@@ -74,3 +74,25 @@ def test_missing_or_corrupt_pipeline_file(tmp_path):
     (tmp_path / "bad.json").write_text('{"transform": {"__class_fullname__": "NoSuchTransform"}}')
     with pytest.raises(PipelineError, match="not a valid albumentations pipeline"):
         aug.load(tmp_path / "bad.json")
+
+
+def test_augment_stage_writes_preview_of_expected_size_and_logs_it(tmp_path, mlflow_store, tiny_prepared):
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from tests.conftest import make_repo_copy, run_module
+
+    repo = make_repo_copy(tmp_path / "repo")  # tiny profile: 2 preview rows of 1 original + 3 views
+    tiny_prepared.save(repo / "data" / "prepared")
+    result = run_module("pipeline.stages.augment", repo, env={"MLFLOW_TRACKING_URI": mlflow_store})
+    assert result.returncode == 0, result.stderr
+    with Image.open(repo / "plots/augment/preview.png") as img:
+        width, height = img.size
+    assert 380 <= width <= 560 and 200 <= height <= 340, (width, height)  # 4 cells of 1.2 in at 100 dpi
+    assert (repo / "data/augmented/pipeline.json").exists()
+    client = MlflowClient(mlflow_store)
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                             filter_string="tags.stage = 'augment'")[0]
+    assert run.data.params["augment.rotation_range"] == "15.0"
+    assert {"augmentation/pipeline.json", "augmentation/preview.png"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "augmentation")}

@@ -75,3 +75,21 @@ def test_evaluate_only_key_reruns_only_evaluate(repro):
     assert "top_2_accuracy" in metrics["seed_mnist"]
     shown = dvc(repo, "metrics", "show", "--json")
     assert shown.returncode == 0 and "top_2_accuracy" in shown.stdout
+
+
+@pytest.mark.slow
+def test_compare_has_one_parent_run_with_nested_runs(repro):
+    from mlflow import MlflowClient
+
+    repo, _ = repro
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    ids = [e.experiment_id for e in client.search_experiments()]
+    parents = client.search_runs(ids, filter_string="attributes.run_name = 'compare'")
+    assert len(parents) == 1
+    children = client.search_runs(ids, filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == ["compare/lenet5", "compare/resnet18", "compare/seed_mnist"]
+    trained = {r.info.run_name: r for r in children}
+    assert "test_acc" in trained["compare/lenet5"].data.metrics  # trained in the tiny profile
+    assert trained["compare/resnet18"].data.metrics["params_total"] == 11_689_512  # counted only
+    compare = json.loads((repo / "metrics/compare.json").read_text())
+    assert compare["mlflow_parent_run_id"] == parents[0].info.run_id

@@ -15,6 +15,8 @@ from pipeline.atomic import atomic_path
 from pipeline.errors import PipelineError
 
 PIPELINE_PATH = Path("data/augmented/pipeline.json")
+OFFLINE_PATH = Path("data/augmented/offline.npz")
+PREVIEW_PATH = Path("plots/augment/preview.png")
 
 
 def build(
@@ -78,3 +80,16 @@ def apply(transform: A.Compose, image: np.ndarray) -> np.ndarray:
     """Augment one uint8 (H, W, C) image, keeping its shape."""
     out = transform(image=image)["image"]
     return out if out.ndim == 3 else out[:, :, None]
+
+
+def load_offline_copies(path: Path = OFFLINE_PATH) -> tuple[np.ndarray, np.ndarray] | None:
+    """The materialized augmented copies of the train split, when augment.offline_copies wrote them."""
+    if not Path(path).exists():
+        return None
+    with np.load(path) as f:
+        return f["x"], f["y"]
+
+
+def artifacts() -> list[tuple[Path, str]]:
+    """What every training run logs about its augmentation: the pipeline file and its preview."""
+    return [(p, "augmentation") for p in (PIPELINE_PATH, PREVIEW_PATH) if p.exists()]

@@ -1,6 +1,6 @@
 """augment: build the albumentations pipeline from params.augment, save it, preview it.
 
-Reads params: seed, augment. Writes data/augmented/pipeline.json (what the training stages load),
+Reads params: seed, augment, mlflow. Writes data/augmented/pipeline.json (what the training stages load),
 optional offline copies (data/augmented/offline.npz) and plots/augment/preview.png.
 """
 
@@ -10,19 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import plots
+from pipeline import params as params_mod
+from pipeline import plots, tracking
 from pipeline.atomic import atomic_dir
 from pipeline.data import augment as aug
 from pipeline.data.prepared import PreparedData
 from pipeline.errors import stage_main
-from pipeline.params import load
 
 OUT_DIR = Path("data/augmented")
 
 
 @stage_main
 def main() -> None:
-    p = load()
+    p = params_mod.load()
     a = p.augment
     data = PreparedData.load()
     transform = aug.from_params(a, p.seed)
@@ -45,7 +45,17 @@ def main() -> None:
     picks = rng.choice(len(data.x["train"]), size=min(a.preview_images, len(data.x["train"])), replace=False)
     originals = [data.x["train"][i] for i in picks]
     views = [[aug.apply(preview, img) for _ in range(a.preview_views)] for img in originals]
-    plots.augmentation_preview(originals, views, Path("plots/augment/preview.png"))
+    preview_path = plots.augmentation_preview(originals, views, Path("plots/augment/preview.png"))
+
+    tracking.check_store()
+    client = tracking.client()
+    run = client.create_run(tracking.ensure_experiment(p.mlflow.experiment), run_name="augment",
+                            tags=tracking.run_tags("augment", "albumentations", data.data_hash))
+    tracking.log_params(run.info.run_id, params_mod.flatten({"seed": p.seed, "augment": a}))
+    tracking.log_artifact(run.info.run_id, OUT_DIR / "pipeline.json", "augmentation")
+    tracking.log_artifact(run.info.run_id, preview_path, "augmentation")
+    client.set_terminated(run.info.run_id)
+    print(f"augment: MLflow run {run.info.run_id}", flush=True)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,7 @@ def main() -> None:
             log_params={"architecture": name, "image_size": size, "epochs": c.epochs, "lr": c.lr,
                         "batch_size": c.batch_size}, input_shape=(channels, size, size),
             checkpoint_name=f"compare_{name}", label=f"{name} ", log_model=False, parent_run_id=parent_id,
+            artifacts=aug.artifacts(),
         )
         if not is_rank_zero():
             continue

@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
+
 from pipeline import params as params_mod
 from pipeline import plots, tracking
 from pipeline.atomic import atomic_dir, write_csv, write_json
@@ -38,8 +40,15 @@ def main() -> None:
     spec = spec_from_params(m.preset, m.blocks, m.head, m.dense, m.dropout)
     net = CNN(spec, data.channels, data.image_size, data.num_classes)  # impossible stacks fail here
     model = Classifier(net, data.mean, data.std, data.channels)
-    datamodule = ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val", "test")},
-                                 t.batch_size, p.trainer.num_workers, p.seed, transform)
+    splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
+    offline = aug.load_offline_copies()
+    if offline is not None:
+        # Augmentation-bound users materialize copies once (augment.offline_copies); train on them plus the
+        # originals, and skip the online pipeline.
+        splits["train"] = (np.concatenate([data.x["train"], offline[0]]), np.concatenate([data.y["train"], offline[1]]))
+        transform = None
+        print(f"train_scratch: training on {len(splits['train'][1])} images (offline augmented copies)", flush=True)
+    datamodule = ImageDataModule(splits, t.batch_size, p.trainer.num_workers, p.seed, transform)
     optim = OptimConfig(t.optimizer, t.lr, t.momentum, t.weight_decay, t.label_smoothing, t.scheduler,
                         t.warmup_epochs, t.step_size, t.gamma, t.early_stopping.monitor)
     module = ClassifierModule(model, data.num_classes, optim)
@@ -55,7 +64,7 @@ def main() -> None:
         checkpoint_name="train_scratch", monitor=t.early_stopping.monitor,
         patience=t.early_stopping.patience if t.early_stopping.enabled else None,
         gradient_clip_val=t.gradient_clip_val, limit_train_batches=t.limit_train_batches,
-        artifacts=[(aug.PIPELINE_PATH, "augmentation")],
+        artifacts=aug.artifacts(),
     )
     if not is_rank_zero():
         return

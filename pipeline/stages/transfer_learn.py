@@ -171,7 +171,7 @@ def main() -> None:
             run_name=f"transfer_learn/pretrain/{tp.backbone}",
             tags=tracking.run_tags("transfer_learn", tp.backbone, data.data_hash) | base_tags
             | {"strategy": "pretrain_source"}, log_params=logged, input_shape=shape,
-            checkpoint_name="transfer_pretrain", label="pretrain ", log_model=False,
+            checkpoint_name="transfer_pretrain", label="pretrain ", log_model=False, artifacts=aug.artifacts(),
         )
         base_state = {k: v.clone() for k, v in model.net.base.state_dict().items()}
     elif tp.weights != "none":
@@ -195,7 +195,8 @@ def main() -> None:
         run_name = f"transfer_learn/{strategy}/{tp.backbone}"
         common = dict(trainer_params=p.trainer, epochs=tp.epochs, experiment=p.mlflow.experiment,
                       run_name=run_name, tags=tags, log_params=logged | {"strategy": strategy}, input_shape=shape,
-                      checkpoint_name=f"transfer_{strategy}", label=f"{strategy} ")
+                      checkpoint_name=f"transfer_{strategy}", label=f"{strategy} ",
+                      artifacts=aug.artifacts() if strategy != "feature_extraction" else [])
         if strategy == "feature_extraction":
             module, dm, example = feature_extraction_setup(
                 model, target, size, tp.batch_size, p.trainer.num_workers, p.seed, optim(), tp.cache_features)

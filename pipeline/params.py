@@ -145,14 +145,14 @@ class TransferParams(Section):
     ]
     source_classes: list[int] = [0, 1, 2, 3, 4]
     target_classes: list[int] = [5, 6, 7, 8, 9]
-    target_per_class: Annotated[int, Field(ge=1)] = 10
-    pretrain_epochs: Annotated[int, Field(ge=1)] = 6
+    target_per_class: Annotated[int, Field(ge=1)] = 3
+    pretrain_epochs: Annotated[int, Field(ge=1)] = 10
     epochs: Annotated[int, Field(ge=1)] = 20
-    batch_size: Annotated[int, Field(ge=1)] = 32
+    batch_size: Annotated[int, Field(ge=1)] = 16
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
-    backbone_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    backbone_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
     unfreeze_blocks: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
-    head_warmup_epochs: Annotated[int, Field(ge=0)] = 2
+    head_warmup_epochs: Annotated[int, Field(ge=0)] = 0
     cache_features: bool = True
 
     @field_validator("weights")

@@ -172,9 +172,13 @@ def log_model(run_id: str, model: nn.Module, example: torch.Tensor) -> str:
     Pickle format: the `pt2` export would freeze the example's batch size; pickle serves any batch size.
     The `pipeline` package travels as code so the model also loads outside this repository.
     """
+    import logging
+
     import mlflow
     from mlflow.models import infer_signature
 
+    # Pickle is chosen on purpose (see above); MLflow's warning about it would print on every run.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     model = model.cpu().eval()
     example = example[: max(2, min(len(example), 4))].cpu().float()
     with torch.no_grad():

@@ -117,19 +117,30 @@ def throughput(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, 
 @torch.no_grad()
 def peak_memory_mb(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                    device: torch.device) -> float:
-    """Peak memory of one forward pass at `batch_size`: exact on CUDA, the process RSS growth on the CPU."""
+    """Peak memory one forward pass at `batch_size` allocates on top of the weights (activations, workspace).
+
+    CUDA: the allocator's peak minus what was allocated before. CPU: torch's profiler records every
+    allocation and free; their running sum, in time order, peaks at the answer.
+    """
     model = model.to(device).eval()
     x = torch.rand((batch_size, *input_shape), device=device)
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         model(x)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import psutil
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    from torch.profiler import ProfilerActivity, profile
 
-    proc = psutil.Process()
-    before = proc.memory_info().rss
-    model(x)
-    return max(0.0, (proc.memory_info().rss - before) / 2**20)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        model(x)
+    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
+    current = peak = 0
+    for event in events:
+        current += event.self_cpu_memory_usage
+        peak = max(peak, current)
+    return peak / 2**20
 
 
 def macs_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:

@@ -50,3 +50,14 @@ def test_latency_runs_warmup_first():
     result = latency_ms(Spy(), (1, 4, 4), runs=7, warmup=3, device=torch.device("cpu"))
     assert len(calls) == 10 and result["latency_runs"] == 7 and result["latency_warmup_runs"] == 3
     assert 0 < result["latency_ms_p50"] <= result["latency_ms_p90"]
+
+
+def test_peak_memory_grows_with_batch_size():
+    from pipeline.evaluation import peak_memory_mb
+
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.ReLU())
+    small = peak_memory_mb(conv, (3, 32, 32), 8, torch.device("cpu"))
+    large = peak_memory_mb(conv, (3, 32, 32), 64, torch.device("cpu"))
+    one_output_mb = 64 * 64 * 32 * 32 * 4 / 2**20  # the conv's output at batch 64: 16 MB
+    assert small > 0 and large == pytest.approx(8 * small, rel=0.25)
+    assert one_output_mb <= large <= 3 * one_output_mb

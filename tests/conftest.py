@@ -19,10 +19,28 @@ PYTHON = sys.executable
 
 
 def run_module(module: str, cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m module` the way DVC does, in `cwd`."""
-    full_env = os.environ | {"CI": "true"} | (env or {})
+    """Run `python -m module` the way DVC does, in `cwd`: against that folder's own MLflow store unless `env`
+    names one."""
+    inherited = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env = inherited | {"CI": "true"} | (env or {})
     return subprocess.run([PYTHON, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=full_env,
                           timeout=900)
+
+
+@pytest.fixture(autouse=True)
+def _restore_tracking_uri():
+    """mlflow.set_tracking_uri() writes MLFLOW_TRACKING_URI into os.environ; no test may leak it to the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+    import mlflow
+
+    mlflow.set_tracking_uri(before or "")
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ def predict_proba(model: nn.Module, images: np.ndarray, image_size: int, batch_s
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64), None, image_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # Its own generator: evaluating must not move the global RNG that training draws from.
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     out = [torch.softmax(model(x.to(device)).float(), dim=1).cpu() for x, _ in loader]
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 

@@ -75,17 +75,20 @@ def test_fine_tuning_gives_the_base_a_lower_lr():
 
 
 def test_cached_feature_path_agrees_with_naive_loop(tmp_path, monkeypatch, mlflow_store, tiny_prepared):
+    # resnet18: BatchNorm and a 1x1 final map make any train-mode leak in the frozen base visible.
     monkeypatch.chdir(tmp_path)
     target = task_splits(tiny_prepared, [5, 6, 7, 8, 9], 6, seed=0)
     accs = {}
     for cached in (True, False):
         seed_all(0)
-        model = Classifier(TransferNet("seed_mnist", 5, 16, 0.3, 28, 1), tiny_prepared.mean, tiny_prepared.std, 1)
-        module, dm, example = feature_extraction_setup(model, target, 28, 8, 0, 0, OptimConfig(lr=0.01), cached)
+        model = Classifier(TransferNet("resnet18", 5, 16, 0.3, 32, 3), tiny_prepared.mean, tiny_prepared.std, 3)
+        bn_before = model.net.base[1].running_mean.clone()
+        module, dm, example = feature_extraction_setup(model, target, 32, 8, 0, 0, OptimConfig(lr=0.01), cached)
         result = fit(module, dm, trainer_params=TrainerParams(), epochs=3, experiment="t", run_name=f"fe{cached}",
-                     tags={}, log_params={}, input_shape=(1, 28, 28), checkpoint_name=f"fe{cached}", tracked=model,
+                     tags={}, log_params={}, input_shape=(3, 32, 32), checkpoint_name=f"fe{cached}", tracked=model,
                      example=example, log_model=False)
         accs[cached] = [r["val_acc"] for r in result.rows]
+        assert torch.equal(model.net.base[1].running_mean, bn_before)  # frozen BN statistics untouched
     assert np.allclose(accs[True], accs[False], atol=0.005), accs
 
 

@@ -88,7 +88,10 @@ def cached_features(model: Classifier, splits, image_size: int, batch_size: int)
     model = model.to(device).eval()
     out = {}
     for split, (x, y) in splits.items():
-        loader = DataLoader(ImageDataset(x, y, None, image_size), batch_size=256, shuffle=False)
+        # A loader of its own generator: iterating one without it draws from the global RNG and would shift
+        # the dropout masks of the training that follows (the naive path would then diverge).
+        loader = DataLoader(ImageDataset(x, y, None, image_size), batch_size=256, shuffle=False,
+                            generator=torch.Generator())
         feats = []
         for images, _ in loader:
             images = images.to(device)

@@ -47,6 +47,11 @@ class ClassifierModule(pl.LightningModule):
         set_frozen_eval(self.model)  # frozen parts: BN statistics kept, dropout off
         return self
 
+    def on_train_epoch_start(self) -> None:
+        # Lightning does not call .train() when fitting starts; set the modes here, every epoch, so that blocks
+        # unfrozen by a callback train and frozen ones stay in inference mode.
+        self.train()
+
     def training_step(self, batch, _batch_idx):
         x, y = batch
         logits = self.model(x)

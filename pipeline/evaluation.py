@@ -10,7 +10,7 @@ import torch
 from sklearn import metrics as skm
 from torch import nn
 
-from pipeline.data.datamodule import ImageDataset
+from pipeline.data.datamodule import ImageDataset, make_loader
 
 
 def device_for(accelerator: str = "auto") -> torch.device:
@@ -26,8 +26,7 @@ def predict_proba(model: nn.Module, images: np.ndarray, image_size: int, batch_s
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64), None, image_size)
-    # Its own generator: evaluating must not move the global RNG that training draws from.
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator())
+    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=0, seed=0)  # leaves the global RNG alone
     out = [torch.softmax(model(x.to(device)).float(), dim=1).cpu() for x, _ in loader]
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 

@@ -51,6 +51,8 @@ def seed_worker(_worker_id: int) -> None:
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int) -> DataLoader:
+    """The project's one way to build a loader: its own seeded generator (never the global RNG), per-worker
+    augmentation seeding, and no size-1 last training batch."""
     generator = torch.Generator().manual_seed(seed)
     # A last training batch of one sample breaks BatchNorm (one value per channel on small maps): drop it.
     drop_last = shuffle and len(dataset) > batch_size

@@ -57,7 +57,7 @@ def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow
         for h in hooks:
             h.remove()
         model.train(was_training)
-    # Parameters that live directly on non-leaf modules (rare) still count toward the total.
+    # Leaf layers only: no architecture here keeps parameters directly on a container module.
     return rows
 
 

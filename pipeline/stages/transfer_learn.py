@@ -18,7 +18,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from pipeline import params as params_mod
 from pipeline import plots, tracking
@@ -88,10 +88,9 @@ def cached_features(model: Classifier, splits, image_size: int, batch_size: int)
     model = model.to(device).eval()
     out = {}
     for split, (x, y) in splits.items():
-        # A loader of its own generator: iterating one without it draws from the global RNG and would shift
-        # the dropout masks of the training that follows (the naive path would then diverge).
-        loader = DataLoader(ImageDataset(x, y, None, image_size), batch_size=256, shuffle=False,
-                            generator=torch.Generator())
+        # make_loader's own generator: a plain DataLoader draws its seed from the global RNG and would shift the
+        # dropout masks of the training that follows (the naive path would then diverge).
+        loader = make_loader(ImageDataset(x, y, None, image_size), 256, shuffle=False, num_workers=0, seed=0)
         feats = []
         for images, _ in loader:
             images = images.to(device)

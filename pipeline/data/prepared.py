@@ -17,17 +17,27 @@ SPLITS = ("train", "val", "test")
 
 
 def stratified_split(
-    labels: np.ndarray, ratios: tuple[float, float, float], seed: int
+    labels: np.ndarray, ratios: tuple[float, float, float], seed: int, official_test: np.ndarray | None = None
 ) -> dict[str, np.ndarray]:
-    """Indices per split, class by class, so that every split keeps the class proportions. Deterministic."""
+    """Indices per split, class by class, so that every split keeps the class proportions. Deterministic.
+
+    With `official_test` (a mask of the data set's own test images) those images are the test split and the
+    validation split is carved from the rest at val / (train + val).
+    """
     rng = np.random.default_rng(seed)
     out: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
-    _, val_ratio, test_ratio = ratios
+    train_ratio, val_ratio, test_ratio = ratios
     for cls in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_test = max(1, int(round(len(idx) * test_ratio)))
-        n_val = max(1, int(round(len(idx) * val_ratio)))
-        out["test"].append(idx[:n_test])
+        members = labels == cls
+        if official_test is not None:
+            out["test"].append(np.flatnonzero(members & official_test))
+            idx = rng.permutation(np.flatnonzero(members & ~official_test))
+            n_test, n_val = 0, max(1, int(round(len(idx) * val_ratio / (train_ratio + val_ratio))))
+        else:
+            idx = rng.permutation(np.flatnonzero(members))
+            n_test = max(1, int(round(len(idx) * test_ratio)))
+            n_val = max(1, int(round(len(idx) * val_ratio)))
+            out["test"].append(idx[:n_test])
         out["val"].append(idx[n_test : n_test + n_val])
         out["train"].append(idx[n_test + n_val :])
     # Sorted so that the stored order does not depend on class order; shuffling is the loader's job.
@@ -85,20 +95,29 @@ class PreparedData:
 def build_prepared(
     images: np.ndarray, labels: np.ndarray, class_names: list[str],
     ratios: tuple[float, float, float], seed: int, min_per_class: int,
-    max_per_class: int | None = None,
+    max_per_class: int | None = None, official_test: np.ndarray | None = None,
 ) -> PreparedData:
-    """Check class counts, optionally cap them, split, and compute the train split's per-channel mean/std."""
+    """Check class counts, optionally cap them, split, and compute the train split's per-channel mean/std.
+
+    `official_test` marks the data set's own test images (used as the test split). The cap keeps up to
+    `max_per_class` images per class; with an official split it is shared between the two parts by `ratios`.
+    """
     counts = np.bincount(labels, minlength=len(class_names))
     for name, count in zip(class_names, counts, strict=True):
         if count < min_per_class:
             raise PipelineError(f"class {name!r} has {count} images; data.min_per_class is {min_per_class}")
     if max_per_class is not None:
         rng = np.random.default_rng(seed)
+        pools = [np.ones(len(labels), dtype=bool)] if official_test is None else [~official_test, official_test]
+        caps = [max_per_class] if official_test is None else [
+            max_per_class - max(1, round(max_per_class * ratios[2])), max(1, round(max_per_class * ratios[2]))]
         keep = np.sort(np.concatenate([
-            rng.permutation(np.flatnonzero(labels == c))[:max_per_class] for c in range(len(class_names))
+            rng.permutation(np.flatnonzero((labels == c) & pool))[:cap]
+            for pool, cap in zip(pools, caps, strict=True) for c in range(len(class_names))
         ]))
         images, labels = images[keep], labels[keep]
-    idx = stratified_split(labels, ratios, seed)
+        official_test = official_test[keep] if official_test is not None else None
+    idx = stratified_split(labels, ratios, seed, official_test)
     x = {s: np.ascontiguousarray(images[idx[s]]) for s in SPLITS}
     y = {s: labels[idx[s]].astype(np.int64) for s in SPLITS}
     train = x["train"].astype(np.float64) / 255.0

@@ -12,40 +12,44 @@ from pipeline import plots
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.data import sources
 from pipeline.data.prepared import PREPARED_DIR, build_prepared, class_counts
-from pipeline.errors import stage_main
-from pipeline.params import load
+from pipeline.errors import PipelineError, stage_main
+from pipeline.params import Params, load
 
 
-@stage_main
-def main() -> None:
-    p = load()
+def run(p: Params) -> dict:
+    """Load `data.source`, check and split it; write data/prepared/, metrics/data.json and the sample grid."""
     d = p.data
-    raw_dir = Path(d.raw_dir)
     print(f"prepare: source={d.source} image_size={d.image_size} channels={d.channels}", flush=True)
-    if d.source == "embedded":
-        raw = sources.load_embedded(d.image_size, d.channels)
-    elif d.source == "folder":
-        raw = sources.load_folder(raw_dir, d.image_size, d.channels, d.on_corrupt)
-    else:
-        raw = sources.load_torchvision(d.source, raw_dir, d.image_size, d.channels)
+    raw = sources.load(d)
     for path in raw.skipped:
         print(f"prepare: skipped unreadable image {path}", flush=True)
-
-    data = build_prepared(raw.images, raw.labels, raw.class_names,
-                          (d.split.train, d.split.val, d.split.test), p.seed, d.min_per_class, d.max_per_class)
+    if d.split == "official" and raw.official_test is None:
+        raise PipelineError(f"data.split=official: data.source={d.source} has no official test split "
+                            "(use random or auto)")
+    official = raw.official_test if d.split != "random" else None
+    data = build_prepared(raw.images, raw.labels, raw.class_names, (d.ratios.train, d.ratios.val, d.ratios.test),
+                          p.seed, d.min_per_class, d.max_per_class, official)
     with atomic_dir(PREPARED_DIR) as tmp:
         data.save(tmp)
     counts = class_counts(data)
-    write_json("metrics/data.json", {
-        "source": d.source, "num_classes": data.num_classes, "image_size": data.image_size,
+    summary = {
+        "source": d.source, "split": "official" if official is not None else "random",
+        "num_classes": data.num_classes, "image_size": data.image_size,
         "channels": data.channels, "skipped_files": len(raw.skipped),
         "total": {s: int(len(data.y[s])) for s in counts}, "per_class": counts,
         "mean": data.mean, "std": data.std,
-    })
+    }
+    write_json("metrics/data.json", summary)
     plots.sample_grid(data.x["train"], data.y["train"], data.class_names, d.sample_grid,
                       Path("plots/prepare/samples.png"))
     sizes = ", ".join(f"{s} {len(data.y[s])}" for s in counts)
     print(f"prepare: {data.num_classes} classes, {sizes}; mean {data.mean} std {data.std}", flush=True)
+    return summary
+
+
+@stage_main
+def main() -> None:
+    run(load())
 
 
 if __name__ == "__main__":

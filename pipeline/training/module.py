@@ -10,7 +10,14 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from pipeline.models.transfer import set_frozen_eval
+
+def set_frozen_eval(model: nn.Module) -> None:
+    """Frozen parts run in inference mode: BatchNorm keeps its running statistics, dropout and stochastic
+    depth are off, so a frozen base is a fixed function (and its features can be cached)."""
+    for m in model.modules():
+        params = list(m.parameters())
+        if params and not any(p.requires_grad for p in params):
+            m.eval()
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,3 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 100) -> Path:
         fig.savefig(tmp, dpi=dpi, format="png", bbox_inches="tight")
     plt.close(fig)
     return Path(path)
-
-
-def read_json(path: str | Path) -> Any:
-    return json.loads(Path(path).read_text())

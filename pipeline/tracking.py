@@ -6,6 +6,7 @@ The default store is a SQLite file `mlflow.db` at the repository root with artif
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import tempfile
@@ -106,6 +107,31 @@ def make_logger(experiment: str, run_name: str, tags: dict[str, str], run_id: st
                         run_id=run_id, artifact_location=_artifact_location())
 
 
+def start_run(experiment: str, run_name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
+    """Open a run (a parent for nested ones) on the project's store; close it with `ended`."""
+    experiment_id = ensure_experiment(experiment)
+    if parent_id:
+        tags = tags | {"mlflow.parentRunId": parent_id}
+    return client().create_run(experiment_id, run_name=run_name, tags=tags).info.run_id
+
+
+@contextlib.contextmanager
+def ended(run_id: str | None):
+    """The run ends FINISHED when the block succeeds, FAILED (KILLED on Ctrl-C) when it raises."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if run_id:
+            client().set_terminated(run_id, "KILLED")
+        raise
+    except BaseException:
+        if run_id:
+            client().set_terminated(run_id, "FAILED")
+        raise
+    if run_id:
+        client().set_terminated(run_id, "FINISHED")
+
+
 def client():
     from mlflow import MlflowClient
 
@@ -137,7 +163,7 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
 
 
 def log_param_counts(run_id: str, model: nn.Module, input_shape: tuple[int, ...], title: str,
-                     net: nn.Module | None = None) -> dict[str, int]:
+                     net: nn.Module | None = None, quiet: bool = False) -> dict[str, int]:
     """Total/trainable/non-trainable counts as params and metrics, plus the per-layer table (CSV and text),
     printed to the console as Keras' model.summary() does."""
     from pipeline.atomic import write_csv
@@ -146,7 +172,8 @@ def log_param_counts(run_id: str, model: nn.Module, input_shape: tuple[int, ...]
     counts = param_counts(net)
     rows = layer_table(net, input_shape)
     text = format_table(rows, title)
-    print(text, flush=True)
+    if not quiet:
+        print(text, flush=True)
     log_params(run_id, {f"params_{k}": v for k, v in counts.items()})
     log_metrics(run_id, {f"params_{k}": v for k, v in counts.items()})
     with tempfile.TemporaryDirectory() as tmp:

@@ -39,21 +39,34 @@ def test_impossible_stack_is_one_line_naming_layer_and_sizes():
         CNN(CNNSpec(blocks=(Block(8, kernel_size=7, padding="valid"),)), 1, 6, 10)
 
 
+# Published counts (torchvision's model docs; the EfficientNet-Lite0 state dict; LeNet-5 and ours by formula).
 EXPECTED = {"resnet50": 25_557_032, "vgg16": 138_357_544, "mobilenet_v2": 3_504_872,
             "efficientnet_b0": 5_288_548, "googlenet": 6_624_904, "alexnet": 61_100_840,
+            "inception_v3": 23_834_568, "efficientnet_lite0": 4_652_008,
             "resnet18": 11_689_512, "lenet5": 61_706, "seed_mnist": 421_642}
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
-def test_registry_counts_equal_torchvision(name):
-    import torchvision
-
+def test_registry_counts_equal_published(name):
     model = registry.get(name).build_canonical()
     assert count(model) == EXPECTED[name]
-    if registry.get(name).torchvision:
-        kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
-        assert count(torchvision.models.get_model(name, **kwargs)) == EXPECTED[name]
     assert param_counts(model)["total"] == EXPECTED[name]
+
+
+def test_inception_v3_count_with_and_without_its_auxiliary_head():
+    import torchvision
+
+    with_aux = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)
+    assert count(with_aux) == 27_161_264
+    assert count(with_aux) - count(with_aux.AuxLogits) == EXPECTED["inception_v3"]
+    assert "27,161,264 with it" in registry.get("inception_v3").note
+
+
+def test_seed_column_quotes_only_what_the_seed_says():
+    assert registry.get("mobilenet_v2").seed_says == "Lightweight"
+    assert registry.parse_seed_figure("Lightweight") is None
+    assert registry.get("resnet18").seed_says is None and registry.get("inception_v3").seed_says is None
+    assert registry.parse_seed_figure(registry.get("vgg16").seed_says) == 138e6
 
 
 def test_unknown_architecture_lists_known_names():

@@ -27,8 +27,8 @@ def test_repository_params_are_valid():
         ({"augment": {"rotation_range": -5}}, "params.yaml: augment.rotation_range must be >= 0.0 (got -5)"),
         ({"train": {"optimizer": "adagrad"}},
          "params.yaml: train.optimizer must be one of 'adam', 'adamw' or 'sgd' (got 'adagrad')"),
-        ({"data": {"split": {"train": 0.5, "val": 0.2, "test": 0.2}}},
-         "params.yaml: data.split train + val + test must sum to 1 (got 0.9)"),
+        ({"data": {"ratios": {"train": 0.5, "val": 0.2, "test": 0.2}}},
+         "params.yaml: data.ratios train + val + test must sum to 1 (got 0.9)"),
         ({"trainer": {"devices": "many"}}, "params.yaml: trainer.devices must be an integer or 'auto' (got 'many')"),
         ({"transfer": {"weights": "imagenet21k"}}, "params.yaml: transfer.weights must be source_task, imagenet"),
     ],
@@ -63,7 +63,7 @@ def test_flatten_uses_dotted_keys():
     flat = flatten(Params())
     assert flat["train.lr"] == 0.001
     assert flat["model.blocks.0.filters"] == 32
-    assert flat["data.split.train"] == 0.7
+    assert flat["data.ratios.train"] == 0.7
 
 
 def test_tiny_profile_overlays_and_keeps_comments(tmp_path):
@@ -79,5 +79,5 @@ def test_tiny_profile_overlays_and_keeps_comments(tmp_path):
 def test_unknown_profile_lists_known(tmp_path):
     target = tmp_path / "params.yaml"
     target.write_text((REPO / "params.yaml").read_text())
-    with pytest.raises(PipelineError, match="unknown profile 'huge'; known profiles: tiny"):
+    with pytest.raises(PipelineError, match="unknown profile 'huge'; known profiles: mnist_full, tiny"):
         apply_profile("huge", target)

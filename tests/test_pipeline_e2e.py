@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -49,7 +50,22 @@ def test_repro_runs_every_stage_offline(repro):
         assert (repo / path).exists(), path
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(evaluate) == {"seed_mnist", "transfer_feature_extraction", "transfer_fine_tuning", "transfer_scratch"}
-    assert 0.0 <= evaluate["seed_mnist"]["accuracy"] <= 1.0
+    data = json.loads((repo / "metrics/data.json").read_text())
+    assert data["source"] == "embedded" and data["total"] == {"train": 140, "val": 30, "test": 30}
+    assert evaluate["seed_mnist"]["test_images"] == 30
+    with open(repo / "plots/evaluate/predictions/seed_mnist.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 30
+    assert evaluate["seed_mnist"]["accuracy"] == pytest.approx(
+        sum(r["actual"] == r["predicted"] for r in rows) / 30, abs=1e-6)
+    # evaluate reproduces, from the saved files, the test accuracy the sweep measured for the same models.
+    transfer = json.loads((repo / "metrics/transfer_learn.json").read_text())
+    assert transfer["backbone"] == "efficientnet_lite0" and transfer["weights"] == "imagenet"
+    for strategy, saved in transfer["saved_models"].items():
+        assert evaluate[f"transfer_{strategy}"]["accuracy"] == pytest.approx(saved["test_acc"], abs=1e-6)
+    compare = json.loads((repo / "metrics/compare.json").read_text())
+    assert compare["static"]["resnet18"]["params"] == 11_689_512
+    assert compare["static"]["seed_mnist"]["params"] == 421_642
     scratch = json.loads((repo / "metrics/train_scratch.json").read_text())
     assert scratch["params_total"] == 421_642 and len(scratch["mlflow_run_id"]) == 32
     dag = dvc(repo, "dag")

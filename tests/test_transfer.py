@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
+import csv
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 
+from pipeline.data.datamodule import ImageDataModule, TensorDataModule
+from pipeline.data.fewshot import class_subset, per_class_indices
 from pipeline.errors import PipelineError
 from pipeline.models import checkpoint, registry
 from pipeline.models.classifier import Classifier
 from pipeline.models.transfer import (
+    HeadOnly,
     TransferNet,
+    extract_features,
     freeze_base,
-    imagenet_weights_file,
     load_base_from_checkpoint,
     load_imagenet_base,
 )
+from pipeline.models.weights import torchvision_weights_file
 from pipeline.params import TrainerParams
 from pipeline.stages.common import fit, seed_all
-from pipeline.stages.transfer_learn import feature_extraction_setup, task_splits
 from pipeline.training.module import ClassifierModule, OptimConfig
 
 
 @pytest.mark.parametrize("name", list(registry.REGISTRY))
 def test_every_backbone_builds_with_ten_outputs(name):
     arch = registry.get(name)
-    channels = 3 if arch.torchvision else 1
-    net = TransferNet(name, 10, 32, 0.3, 64, channels)
+    channels, size = arch.input_channels(1), max(64, arch.min_size)
+    net = TransferNet(name, 10, 32, 0.3, size, channels)
     net.eval()
-    assert net(torch.zeros(2, channels, 64, 64)).shape == (2, 10)
+    assert net(torch.zeros(2, channels, size, size)).shape == (2, 10)
     assert isinstance(net.head[0], torch.nn.Linear) and net.head[0].out_features == 32
 
 
@@ -75,26 +80,41 @@ def test_fine_tuning_gives_the_base_a_lower_lr():
 
 
 def test_cached_feature_path_agrees_with_naive_loop(tmp_path, monkeypatch, mlflow_store, tiny_prepared):
+    """The head trained on cached features equals the head trained through the frozen model, step for step."""
     # resnet18: BatchNorm and a 1x1 final map make any train-mode leak in the frozen base visible.
     monkeypatch.chdir(tmp_path)
-    target = task_splits(tiny_prepared, [5, 6, 7, 8, 9], 6, seed=0)
-    accs = {}
+    splits = class_subset(tiny_prepared, [5, 6, 7, 8, 9])
+    idx = per_class_indices(splits["train"][1], 6, 0, "n")
+    train = (splits["train"][0][idx], splits["train"][1][idx])
+    heads, losses = {}, {}
     for cached in (True, False):
         seed_all(0)
-        model = Classifier(TransferNet("resnet18", 5, 16, 0.3, 32, 3), tiny_prepared.mean, tiny_prepared.std, 3)
+        model = Classifier(TransferNet("resnet18", 5, 16, 0.3, 32, 3), tiny_prepared.mean, tiny_prepared.std, 3, 32)
+        freeze_base(model.net, 0)
         bn_before = model.net.base[1].running_mean.clone()
-        module, dm, example = feature_extraction_setup(model, target, 32, 8, 0, 0, OptimConfig(lr=0.01), cached)
+        if cached:
+            feats = {k: extract_features(model, v[0]) for k, v in (("train", train), ("val", splits["val"]))}
+            module = ClassifierModule(HeadOnly(model.net.head), 5, OptimConfig(lr=0.01))
+            dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])),
+                                  (feats["val"], torch.as_tensor(splits["val"][1])), 8, 0)
+        else:
+            module = ClassifierModule(model, 5, OptimConfig(lr=0.01))
+            dm = ImageDataModule({"train": train, "val": splits["val"]}, 8, 0, 0)
         result = fit(module, dm, trainer_params=TrainerParams(), epochs=3, experiment="t", run_name=f"fe{cached}",
                      tags={}, log_params={}, input_shape=(3, 32, 32), checkpoint_name=f"fe{cached}", tracked=model,
-                     example=example, log_model=False)
-        accs[cached] = [r["val_acc"] for r in result.rows]
+                     log_model=False)
+        losses[cached] = [(r["train_loss"], r["val_loss"]) for r in result.rows]
+        heads[cached] = model.net.head.state_dict()
         assert torch.equal(model.net.base[1].running_mean, bn_before)  # frozen BN statistics untouched
-    assert np.allclose(accs[True], accs[False], atol=0.005), accs
+    assert len(losses[True]) == 3
+    assert np.allclose(losses[True], losses[False], rtol=1e-4, atol=1e-5), losses
+    for key, value in heads[True].items():
+        assert torch.allclose(value, heads[False][key], atol=1e-5), key
 
 
 def test_imagenet_weights_load_from_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    _, path = imagenet_weights_file("resnet18")
+    _, path = torchvision_weights_file("resnet18")
     assert path == tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth"
     state = torchvision.models.resnet18().state_dict()
     state["conv1.weight"].fill_(0.5)
@@ -122,6 +142,38 @@ def test_missing_imagenet_weights_offline_is_one_line(tmp_path, monkeypatch):
     assert "\n" not in message
 
 
+def test_architectures_without_imagenet_weights_say_which_have_them():
+    with pytest.raises(PipelineError, match=r"seed_mnist has no ImageNet weights \(backbones with them: alexnet"):
+        load_imagenet_base(TransferNet("seed_mnist", 5, 16, 0.0, 28, 1))
+
+
+def top5(model, image: np.ndarray) -> list[int]:
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255.0
+    with torch.no_grad():
+        return model.eval()(x).topk(5).indices[0].tolist()
+
+
+def test_efficientnet_lite0_imagenet_weights_are_the_real_ones():
+    """ImageNet classes for scikit-learn's photo of a Chinese temple: the real weights know it, random ones don't."""
+    from sklearn.datasets import load_sample_image
+
+    arch = registry.get("efficientnet_lite0")
+    china = load_sample_image("china.jpg")
+    temple_classes = {698, 663, 497, 442}  # palace, monastery, church, bell cote
+    net = arch.build(1000, 224)
+    net.load_state_dict(arch.imagenet(), strict=True)
+    model = Classifier(net, *arch.imagenet_norm, 3, 224)  # resizes the 427x640 photo inside the model
+    assert temple_classes & set(top5(model, china))
+    seed_all(0)
+    random_model = Classifier(arch.build(1000, 224), *arch.imagenet_norm, 3, 224)
+    assert not temple_classes & set(top5(random_model, china))
+    # The transfer base gets exactly those weights.
+    transfer = TransferNet("efficientnet_lite0", 10, 16, 0.0, 64, 3)
+    load_imagenet_base(transfer)
+    assert torch.equal(transfer.base[0].weight, net._conv_stem.weight)
+    assert torch.equal(transfer.base[-3].weight, net._conv_head.weight)
+
+
 def test_mismatching_checkpoint_names_the_first_bad_layer(tmp_path):
     arch = checkpoint.transfer_arch("seed_mnist", 5, 16, 0.0, 28, 1)
     donor = checkpoint.build_classifier(arch, [0.5], [0.25])
@@ -135,3 +187,53 @@ def test_mismatching_checkpoint_names_the_first_bad_layer(tmp_path):
     same = TransferNet("seed_mnist", 5, 16, 0.0, 28, 1)
     load_base_from_checkpoint(same, tmp_path / "gray.pt")
     assert torch.equal(same.base[0].weight, donor.net.base[0].weight)
+
+
+def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_path, monkeypatch, mlflow_store,
+                                                                           tiny_prepared):
+    from mlflow import MlflowClient
+
+    from pipeline import params as params_mod
+    from pipeline.data import augment as aug
+    from pipeline.stages import transfer_learn
+
+    monkeypatch.chdir(tmp_path)
+    tiny_prepared.save(tmp_path / "data/prepared")
+    aug.save(aug.from_params(params_mod.AugmentParams(), 0))
+    p = params_mod.parse({"transfer": {"strategies": ["feature_extraction", "fine_tuning", "scratch",
+                                                      "scratch_backbone"], "image_size": 32, "target_per_class": [2, 3], "seeds": 2, "steps": 2,
+                                       "head_steps": 3, "cnn_steps": 3, "val_per_class": 2, "batch_size": 4}})
+    result = transfer_learn.run(p)
+    rows = list(csv.DictReader(open(tmp_path / "plots/transfer_learn/sweep.csv")))
+    strategies = ["feature_extraction", "fine_tuning", "scratch", "scratch_backbone"]
+    assert sorted((int(r["target_per_class"]), int(r["seed"]), r["strategy"]) for r in rows) == sorted(
+        (n, s, st) for n in (2, 3) for s in (0, 1) for st in strategies)
+    test_images = result["test_images"]
+    assert test_images == len(tiny_prepared.y["test"])  # every class, the whole test split
+    for n in ("2", "3"):
+        for st in strategies:
+            accs = [float(r["test_acc"]) for r in rows if r["target_per_class"] == n and r["strategy"] == st]
+            assert result["summary"][n][st]["mean"] == pytest.approx(np.mean(accs), abs=1e-6)
+            assert result["summary"][n][st]["std"] == pytest.approx(np.std(accs, ddof=1), abs=1e-6)
+            assert all(abs(a * test_images - round(a * test_images)) < 1e-3 for a in accs)  # k of N images
+        means = {st: result["summary"][n][st]["mean"] for st in strategies}
+        verdict = result["verdict"][n]
+        assert means[verdict["winner"]] == max(means.values())
+        assert verdict["gap"] == pytest.approx(means[verdict["winner"]] - means[verdict["runner_up"]], abs=1e-6)
+        assert verdict["clear"] == (verdict["gap"] > verdict["spread"])
+    # The largest N, seed 0 is saved for evaluate, and its file reproduces the sweep's test accuracy.
+    from pipeline.evaluation import predict_proba
+    from pipeline.models import checkpoint
+
+    for st in strategies:
+        model, meta = checkpoint.load(tmp_path / f"models/transfer/{st}.pt")
+        acc = (predict_proba(model, tiny_prepared.x["test"], 28).argmax(1) == tiny_prepared.y["test"]).mean()
+        assert acc == pytest.approx(result["saved_models"][st]["test_acc"], abs=1e-6), st
+        assert meta["target_per_class"] == 3
+    client = MlflowClient(mlflow_store)
+    parent = client.get_run(result["mlflow_parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)
+    assert len(children) == len(rows)
+    assert (tmp_path / "plots/transfer_learn/crossover.png").stat().st_size > 5000

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 
 from pipeline.data.augment import apply
 
@@ -90,3 +90,19 @@ class ImageDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return make_loader(self.dataset("test"), self.batch_size, False, self.num_workers, self.seed)
+
+
+class TensorDataModule(pl.LightningDataModule):
+    """Ready tensors (e.g. cached features) as train/val loaders, through the same seeded `make_loader`."""
+
+    def __init__(self, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
+                 batch_size: int, seed: int) -> None:
+        super().__init__()
+        self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self.train_set, self.batch_size, True, 0, self.seed)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self.val_set, self.batch_size, False, 0, self.seed)

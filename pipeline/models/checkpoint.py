@@ -26,11 +26,6 @@ def cnn_arch(spec: CNNSpec, in_channels: int, image_size: int, num_classes: int)
             "num_classes": num_classes}
 
 
-def registry_arch(name: str, num_classes: int, image_size: int, in_channels: int) -> dict[str, Any]:
-    return {"kind": "registry", "name": name, "num_classes": num_classes, "image_size": image_size,
-            "in_channels": in_channels}
-
-
 def transfer_arch(backbone: str, num_classes: int, head_units: int, head_dropout: float, image_size: int,
                   in_channels: int) -> dict[str, Any]:
     return {"kind": "transfer", "backbone": backbone, "num_classes": num_classes, "head_units": head_units,
@@ -45,13 +40,12 @@ def build_net(arch: dict[str, Any]) -> tuple[nn.Module, int]:
                    arch["num_classes"]), arch["in_channels"]
     if kind == "registry":
         entry = registry.get(arch["name"])
-        channels = entry.channels if entry.torchvision else arch["in_channels"]
+        channels = entry.input_channels(arch["in_channels"])
         return entry.build(arch["num_classes"], arch["image_size"], channels), channels
     if kind == "transfer":
         from pipeline.models.transfer import TransferNet
 
-        entry = registry.get(arch["backbone"])
-        channels = entry.channels if entry.torchvision else arch["in_channels"]
+        channels = registry.get(arch["backbone"]).input_channels(arch["in_channels"])
         net = TransferNet(arch["backbone"], arch["num_classes"], arch["head_units"], arch["head_dropout"],
                           arch["image_size"], channels)
         return net, channels
@@ -59,8 +53,9 @@ def build_net(arch: dict[str, Any]) -> tuple[nn.Module, int]:
 
 
 def build_classifier(arch: dict[str, Any], mean: list[float], std: list[float]) -> Classifier:
+    """The deployable model; transfer models resize their input to the size their base was trained at."""
     net, channels = build_net(arch)
-    return Classifier(net, mean, std, channels)
+    return Classifier(net, mean, std, channels, arch["image_size"] if arch["kind"] == "transfer" else None)
 
 
 def save(path: Path, model: Classifier, arch: dict[str, Any], meta: dict[str, Any]) -> None:

@@ -10,22 +10,29 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from torch.nn import functional as F
 
 
 class Classifier(nn.Module):
-    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], net_channels: int) -> None:
+    """Pixels in [0, 1] -> (grey repeated to 3 channels) -> (resized to `input_size`) -> normalized -> net."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], net_channels: int,
+                 input_size: int | None = None) -> None:
         super().__init__()
         self.net = net
         self.net_channels = net_channels
+        self.input_size = input_size
         if len(mean) == 1 and net_channels == 3:
             mean, std = list(mean) * 3, list(std) * 3
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1 and self.net_channels == 3:
             x = x.expand(-1, 3, -1, -1)  # grayscale repeated for 3-channel backbones
-        return self.net((x - self.mean) / self.std)
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(x))

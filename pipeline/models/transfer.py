@@ -5,13 +5,10 @@ Head (as the seed writes it): global average pooling -> Dense(head_units) -> ReL
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
+import numpy as np
 import torch
-import torchvision
 from torch import nn
 
 from pipeline.errors import PipelineError
@@ -23,12 +20,13 @@ class TransferNet(nn.Module):
                  image_size: int, in_channels: int = 3) -> None:
         super().__init__()
         arch = registry.get(backbone, "transfer.backbone")
+        in_channels = arch.input_channels(in_channels)
         full = arch.build(num_classes=10, image_size=image_size, in_channels=in_channels)
         self.backbone_name = backbone
+        self.image_size = image_size
         self.base = registry.conv_base(backbone, full)
         with torch.no_grad():
-            channels = _probe_channels(self.base, backbone, arch.channels if arch.torchvision else in_channels,
-                                       image_size)
+            channels = _probe_channels(self.base, backbone, in_channels, image_size)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Sequential(
             nn.Linear(channels, head_units), nn.ReLU(), nn.Dropout(head_dropout), nn.Linear(head_units, num_classes),
@@ -68,47 +66,36 @@ def freeze_base(model: TransferNet, trainable_blocks: int | str = 0) -> None:
         p.requires_grad = True
 
 
-def set_frozen_eval(model: nn.Module) -> None:
-    """Frozen parts run in inference mode: BatchNorm keeps its running statistics, dropout and stochastic
-    depth are off, so a frozen base is a fixed function (and its features can be cached)."""
-    for m in model.modules():
-        params = list(m.parameters())
-        if params and not any(p.requires_grad for p in params):
-            m.eval()
+def freeze_batchnorm(module: nn.Module) -> None:
+    """BatchNorm layers keep their pretrained statistics and affine weights (frozen parts run in eval mode).
+
+    Keras' transfer-learning guide does the same when fine-tuning: small batches of new images would
+    otherwise pull the ImageNet statistics away under the head that was trained on them.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for p in m.parameters():
+                p.requires_grad = False
 
 
 # --------------------------------------------------------------------------------------------- weights
-def imagenet_weights_file(backbone: str) -> tuple[object, Path]:
-    """torchvision's ImageNet weights enum for `backbone` and the file it is cached as under $TORCH_HOME."""
-    arch = registry.get(backbone, "transfer.backbone")
-    if not arch.torchvision:
-        raise PipelineError(f"transfer.weights=imagenet: {backbone} has no ImageNet weights "
-                            "(use source_task, none or a checkpoint path)")
-    weights = torchvision.models.get_model_weights(backbone).DEFAULT
-    filename = os.path.basename(urlparse(weights.url).path)
-    return weights, Path(torch.hub.get_dir()) / "checkpoints" / filename
-
-
 def load_imagenet_base(model: TransferNet) -> None:
-    """Load torchvision's ImageNet weights into the conv base: from the cache, else a download, else one line."""
-    weights, path = imagenet_weights_file(model.backbone_name)
-    if path.exists():
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(15)
-        try:
-            state = weights.get_state_dict(progress=True)
-        except Exception as exc:
-            raise PipelineError(
-                f"transfer.weights=imagenet: {path.name} is not cached and could not be downloaded "
-                f"({type(exc).__name__}); put {path.name} into {path.parent}/ (or set TORCH_HOME)"
-            ) from None
-        finally:
-            socket.setdefaulttimeout(previous)
-    full = registry.get(model.backbone_name).build(num_classes=1000)
-    full.load_state_dict(state, strict=False)
-    model.base.load_state_dict(registry.conv_base(model.backbone_name, full).state_dict())
+    """Load the registry entry's ImageNet weights into the conv base (offline sources first, else one line)."""
+    arch = registry.get(model.backbone_name, "transfer.backbone")
+    if arch.imagenet is None:
+        with_weights = [name for name, a in registry.REGISTRY.items() if a.imagenet is not None]
+        raise PipelineError(f"transfer.weights=imagenet: {model.backbone_name} has no ImageNet weights "
+                            f"(backbones with them: {', '.join(with_weights)}; or use none or a checkpoint path)")
+    full = arch.build(num_classes=1000, image_size=model.image_size)
+    # Auxiliary heads (googlenet, inception_v3) are not built; every weight of the base must load.
+    missing, _ = full.load_state_dict(arch.imagenet(), strict=False)
+    base = registry.conv_base(model.backbone_name, full)
+    base_ids = {id(t) for t in [*base.parameters(), *base.buffers()]}
+    named = dict(full.named_parameters()) | dict(full.named_buffers())
+    lost = [k for k in missing if k in named and id(named[k]) in base_ids]
+    if lost:
+        raise PipelineError(f"transfer.weights=imagenet: the {model.backbone_name} weights lack {lost[0]}")
+    model.base.load_state_dict(base.state_dict())
 
 
 def load_base_from_checkpoint(model: TransferNet, path: Path) -> None:
@@ -131,3 +118,30 @@ def load_base_from_checkpoint(model: TransferNet, path: Path) -> None:
             raise PipelineError(f"transfer.weights={path}: layer {key} has shape {tuple(theirs.shape)}, "
                                 f"{model.backbone_name} needs {tuple(tensor.shape)}")
     model.base.load_state_dict({k: base_state[k] for k in own})
+
+
+# ------------------------------------------------------------------------------------ cached features
+class HeadOnly(nn.Module):
+    """The transfer head as a model of its own, trained on cached base features."""
+
+    def __init__(self, head: nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 256,
+                     device: torch.device | None = None) -> torch.Tensor:
+    """The frozen base's pooled features of uint8 (N, H, W, C) images, through the model's own preprocessing
+    (channels, resize, normalization): what the head sees, computed once."""
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
+        out.append(model.net.features(model.preprocess(x)).float().cpu())
+    model.cpu()
+    return torch.cat(out) if out else torch.zeros(0)

@@ -20,9 +20,8 @@ from pipeline.errors import stage_main
 OUT_DIR = Path("data/augmented")
 
 
-@stage_main
-def main() -> None:
-    p = params_mod.load()
+def run(p: params_mod.Params) -> None:
+    """Build the albumentations pipeline from params.augment, save it (what training loads), preview it."""
     a = p.augment
     data = PreparedData.load()
     transform = aug.from_params(a, p.seed)
@@ -49,13 +48,18 @@ def main() -> None:
 
     tracking.check_store()
     client = tracking.client()
-    run = client.create_run(tracking.ensure_experiment(p.mlflow.experiment), run_name="augment",
+    mlrun = client.create_run(tracking.ensure_experiment(p.mlflow.experiment), run_name="augment",
                             tags=tracking.run_tags("augment", "albumentations", data.data_hash))
-    tracking.log_params(run.info.run_id, params_mod.flatten({"seed": p.seed, "augment": a}))
-    tracking.log_artifact(run.info.run_id, OUT_DIR / "pipeline.json", "augmentation")
-    tracking.log_artifact(run.info.run_id, preview_path, "augmentation")
-    client.set_terminated(run.info.run_id)
-    print(f"augment: MLflow run {run.info.run_id}", flush=True)
+    tracking.log_params(mlrun.info.run_id, params_mod.flatten({"seed": p.seed, "augment": a}))
+    tracking.log_artifact(mlrun.info.run_id, OUT_DIR / "pipeline.json", "augmentation")
+    tracking.log_artifact(mlrun.info.run_id, preview_path, "augmentation")
+    client.set_terminated(mlrun.info.run_id)
+    print(f"augment: MLflow run {mlrun.info.run_id}", flush=True)
+
+
+@stage_main
+def main() -> None:
+    run(params_mod.load())
 
 
 if __name__ == "__main__":

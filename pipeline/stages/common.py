@@ -13,16 +13,11 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from pipeline import params as params_mod
 from pipeline import plots, tracking
 from pipeline.atomic import write_csv
 from pipeline.training.module import ClassifierModule
 
 CHECKPOINT_ROOT = Path(".cache/checkpoints")
-
-
-def load_params() -> params_mod.Params:
-    return params_mod.load()
 
 
 def is_rank_zero() -> bool:
@@ -54,7 +49,8 @@ def fit(
     patience: int | None = None, gradient_clip_val: float = 0.0, limit_train_batches: float = 1.0,
     extra_callbacks: list | None = None, label: str = "", log_model: bool = True,
     artifacts: list[tuple[Path, str]] | None = None, tracked: torch.nn.Module | None = None,
-    example: torch.Tensor | None = None, parent_run_id: str | None = None,
+    example: torch.Tensor | None = None, parent_run_id: str | None = None, log_checkpoint: bool = True,
+    val_every: int = 1, quiet: bool = False,
 ) -> FitResult:
     """Train `module` with Lightning, tracked in one MLflow run: params, counts, curves, best checkpoint, model.
 
@@ -72,7 +68,7 @@ def fit(
         run_id = logger.run_id
         tracking.log_params(run_id, log_params)
         net = getattr(tracked, "net", tracked)
-        counts = tracking.log_param_counts(run_id, tracked, input_shape, f"{run_name}", net=net)
+        counts = tracking.log_param_counts(run_id, tracked, input_shape, f"{run_name}", net=net, quiet=quiet)
         for path, artifact_dir in artifacts or []:
             tracking.log_artifact(run_id, path, artifact_dir)
     ckpt_dir = CHECKPOINT_ROOT / checkpoint_name
@@ -83,6 +79,7 @@ def fit(
         trainer_params, epochs, logger=logger, checkpoint_dir=ckpt_dir, monitor=monitor,
         early_stopping_patience=patience, gradient_clip_val=gradient_clip_val,
         limit_train_batches=limit_train_batches, extra_callbacks=extra_callbacks, label=label,
+        val_every=val_every, quiet=quiet,
     )
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
@@ -112,7 +109,7 @@ def fit(
             plots.learning_curves(rows, png_path, f"{run_name}: learning curves")
             tracking.log_artifact(run_id, csv_path, "curves")
             tracking.log_artifact(run_id, png_path, "curves")
-        if best_path is not None and best_path.exists():
+        if log_checkpoint and best_path is not None and best_path.exists():
             tracking.log_artifact(run_id, best_path, "checkpoints")
         if log_model:
             if example is None:

@@ -30,32 +30,39 @@ def static_row(name: str) -> dict:
     arch = registry.get(name, "compare.static")
     model = arch.build_canonical()
     params = sum(p.numel() for p in model.parameters())
-    seed = registry.parse_seed_figure(arch.seed_params)
+    seed = registry.parse_seed_figure(arch.seed_says)
     shape = (arch.channels, arch.canonical_size, arch.canonical_size)
     return {
         "architecture": arch.display, "name": name, "year": arch.year,
         "input": f"{arch.canonical_size}x{arch.canonical_size}x{arch.channels}",
-        "params": params, "seed_params": arch.seed_params,
-        "rel_diff_vs_seed": round((params - seed) / seed, 4),
+        "params": params, "seed_says": arch.seed_says or "",
+        "rel_diff_vs_seed": round((params - seed) / seed, 4) if seed else None,
         "macs": macs_per_image(model, shape), "size_mb": round(params * 4 / 2**20, 2), "key_idea": arch.key_idea,
+        "note": arch.note,
     }
 
 
 def markdown(static: list[dict], trained: list[dict]) -> str:
     lines = ["# Architectures side by side", "",
              "## Static: the seed's table, counted from the real models", "",
+             "\"Seed says\" quotes the seed's table; a dash where the seed gives no figure.", "",
              "| Architecture | Year | Input | Parameters | Seed says | Diff | MACs/image | Size (MB) | Key idea |",
              "|---|---|---|---:|---:|---:|---:|---:|---|"]
     for r in static:
-        lines.append(f"| {r['architecture']} | {r['year']} | {r['input']} | {r['params']:,} | {r['seed_params']} | "
-                     f"{r['rel_diff_vs_seed']:+.1%} | {r['macs']:,} | {r['size_mb']} | {r['key_idea']} |")
+        diff = f"{r['rel_diff_vs_seed']:+.1%}" if r["rel_diff_vs_seed"] is not None else "—"
+        idea = r["key_idea"] + (f" ({r['note']})" if r["note"] else "")
+        lines.append(f"| {r['architecture']} | {r['year']} | {r['input']} | {r['params']:,} | "
+                     f"{r['seed_says'] or '—'} | {diff} | {r['macs']:,} | {r['size_mb']} | {idea} |")
     if trained:
         lines += ["", "## Trained on the prepared data (same epochs, optimizer and augmentation)", "",
-                  "| Architecture | Input | Parameters | MACs/image | Test acc | Train time (s) | Latency p50 (ms) |",
-                  "|---|---|---:|---:|---:|---:|---:|"]
+                  "Each architecture trains at compare.image_size or, where its downsampling needs more, at its "
+                  "own smallest useful input (the Input column says which, and why).", "",
+                  "| Architecture | Input | Parameters | MACs/image | Test acc | Train time (s) | Latency p50 (ms) | "
+                  "Limited by |", "|---|---|---:|---:|---:|---:|---:|---|"]
         for r in trained:
             lines.append(f"| {r['architecture']} | {r['input']} | {r['params']:,} | {r['macs']:,} | "
-                         f"{r['test_acc']:.4f} | {r['train_time_s']:.1f} | {r['latency_ms_p50']:.2f} |")
+                         f"{r['test_acc']:.4f} | {r['train_time_s']:.1f} | {r['latency_ms_p50']:.2f} | "
+                         f"{r['limited_by']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -79,7 +86,7 @@ def main() -> None:
     for name in c.static:
         row = static_row(name)
         static.append(row)
-        print(f"compare: {row['architecture']}: {row['params']:,} params ({row['seed_params']} in the seed), "
+        print(f"compare: {row['architecture']}: {row['params']:,} params (seed: {row['seed_says'] or '-'}), "
               f"{row['macs']:,} MACs", flush=True)
         if name not in c.trained:
             run = client.create_run(experiment_id, run_name=f"compare/{name}",
@@ -90,13 +97,15 @@ def main() -> None:
             client.set_terminated(run.info.run_id)
 
     trained = []
-    size = c.image_size
     device = device_for(p.trainer.accelerator)
     splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
     for name in c.trained:
         arch = registry.get(name)
         seed_all(p.seed)
-        channels = arch.channels if arch.torchvision else data.channels
+        channels = arch.input_channels(data.channels)
+        size = max(c.image_size, arch.min_size)
+        limited = (f"needs >= {arch.min_size}px (its downsampling), trained at {size}px" if size > c.image_size
+                   else f"{c.epochs} epochs from scratch at {size}px")
         net = arch.build(data.num_classes, size, channels)
         model = Classifier(net, data.mean, data.std, channels)
         datamodule = ImageDataModule(splits, c.batch_size, p.trainer.num_workers, p.seed, transform, size)
@@ -117,7 +126,8 @@ def main() -> None:
         row = {"architecture": registry.get(name).display, "name": name, "input": f"{size}x{size}x{data.channels}",
                "params": result.counts["total"], "macs": macs_per_image(model.cpu(), (data.channels, size, size)),
                "test_acc": round(test_acc, 6), "best_val_acc": round(result.best_val_acc, 6),
-               "train_time_s": round(result.train_time_s, 2), "latency_ms_p50": round(speed["latency_ms_p50"], 4)}
+               "train_time_s": round(result.train_time_s, 2), "latency_ms_p50": round(speed["latency_ms_p50"], 4),
+               "limited_by": limited}
         trained.append(row)
         tracking.log_metrics(result.run_id, {"test_acc": test_acc, "macs": row["macs"],
                                              "latency_ms_p50": row["latency_ms_p50"]})

@@ -28,9 +28,11 @@ from pipeline.training.module import ClassifierModule, OptimConfig
 MODEL_DIR = Path("models/scratch")
 
 
-@stage_main
-def main() -> None:
-    p = params_mod.load()
+def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
+    """Train the CNN from params.model with params.train; write models/scratch/, metrics and curves.
+
+    `extra_callbacks` (Lightning callbacks) let benchmarks watch the same training the stage runs.
+    """
     m, t = p.model, p.train
     data = PreparedData.load()
     transform = aug.load(aug.PIPELINE_PATH, seed=p.seed)
@@ -64,10 +66,10 @@ def main() -> None:
         checkpoint_name="train_scratch", monitor=t.early_stopping.monitor,
         patience=t.early_stopping.patience if t.early_stopping.enabled else None,
         gradient_clip_val=t.gradient_clip_val, limit_train_batches=t.limit_train_batches,
-        artifacts=aug.artifacts(),
+        artifacts=aug.artifacts(), extra_callbacks=extra_callbacks,
     )
     if not is_rank_zero():
-        return
+        return {}
 
     arch = checkpoint.cnn_arch(spec, data.channels, data.image_size, data.num_classes)
     meta = {"stage": "train_scratch", "name": spec.name, "class_names": data.class_names,
@@ -81,15 +83,22 @@ def main() -> None:
     plots.learning_curves(result.rows, Path("plots/train_scratch/learning_curves.png"),
                           f"{run_name}: learning curves")
     final = result.rows[-1] if result.rows else {}
-    write_json("metrics/train_scratch.json", {
+    metrics = {
         "model": spec.name, "best_val_acc": round(result.best_val_acc, 6),
         "best_val_loss": round(result.best_val_loss, 6), "final_train_acc": final.get("train_acc"),
         "final_train_loss": final.get("train_loss"), "epochs_run": result.epochs_run,
         "train_time_s": round(result.train_time_s, 2), "params_total": result.counts.get("total"),
         "params_trainable": result.counts.get("trainable"), "mlflow_run_id": result.run_id,
-    })
+    }
+    write_json("metrics/train_scratch.json", metrics)
     print(f"train_scratch: best val_acc {result.best_val_acc:.4f} after {result.epochs_run} epochs "
           f"({result.train_time_s:.1f}s); MLflow run {result.run_id}", flush=True)
+    return metrics
+
+
+@stage_main
+def main() -> None:
+    run(params_mod.load())
 
 
 if __name__ == "__main__":

@@ -1,14 +1,10 @@
-"""Callbacks own the side effects of training: per-epoch records, console lines, staged unfreezing."""
+"""Callbacks own the side effects of training: per-epoch records, console lines."""
 
 from __future__ import annotations
 
 import time
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import BaseFinetuning
-
-from pipeline.models import registry
-from pipeline.models.transfer import freeze_base
 
 CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 METRIC_KEYS = CURVE_KEYS[:4]
@@ -41,24 +37,3 @@ class EpochRecorder(pl.Callback):
         if self.print_lines and trainer.is_global_zero:
             parts = " ".join(f"{k}={row[k]:.4g}" for k in CURVE_KEYS if k in row)
             print(f"{self.label}epoch {row['epoch']}/{trainer.max_epochs} {parts} ({seconds:.1f}s)", flush=True)
-
-
-class HeadWarmup(BaseFinetuning):
-    """Train only the head for `warmup_epochs`, then unfreeze the base's last `blocks` blocks at a lower lr."""
-
-    def __init__(self, warmup_epochs: int, blocks: int | str, base_lr: float) -> None:
-        super().__init__()
-        self.warmup_epochs = warmup_epochs
-        self.blocks = blocks
-        self.base_lr = base_lr
-
-    def freeze_before_training(self, pl_module) -> None:
-        freeze_base(pl_module.model.net, 0)
-
-    def finetune_function(self, pl_module, current_epoch: int, optimizer) -> None:
-        if current_epoch != self.warmup_epochs:
-            return
-        base_blocks = registry.base_blocks(pl_module.model.net.base)
-        n = len(base_blocks) if self.blocks == "all" else min(int(self.blocks), len(base_blocks))
-        self.unfreeze_and_add_param_group(modules=base_blocks[len(base_blocks) - n:], optimizer=optimizer,
-                                          lr=self.base_lr, train_bn=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -38,11 +39,14 @@ def build_trainer(
     trainer_params, max_epochs: int, logger=None, checkpoint_dir: Path | None = None, monitor: str = "val_acc",
     early_stopping_patience: int | None = None, gradient_clip_val: float = 0.0,
     limit_train_batches: float = 1.0, extra_callbacks: list | None = None, label: str = "",
+    val_every: int = 1, quiet: bool = False,
 ) -> tuple[pl.Trainer, EpochRecorder, ModelCheckpoint | None]:
     """A Trainer plus the callbacks the stages read back (the epoch recorder and the checkpoint callback)."""
     configure_determinism(trainer_params.deterministic)
-    show_bar = interactive()
-    recorder = EpochRecorder(print_lines=not show_bar, label=label)
+    if quiet:  # sweeps train dozens of models: no "GPU available" banner per training
+        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    show_bar = interactive() and not quiet
+    recorder = EpochRecorder(print_lines=not show_bar and not quiet, label=label)
     callbacks: list[pl.Callback] = [recorder, *(extra_callbacks or [])]
     mode = "max" if monitor == "val_acc" else "min"
     checkpoint = None
@@ -73,5 +77,6 @@ def build_trainer(
         gradient_clip_val=gradient_clip_val or None,
         limit_train_batches=limit,
         log_every_n_steps=1,
+        check_val_every_n_epoch=val_every,
     )
     return trainer, recorder, checkpoint

@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=params.trainer.num_workers)
     args = parser.parse_args()
     rng = np.random.default_rng(0)
-    transform = aug.from_params(params.augment, seed=0)
+    transform = aug.build(params.augment, seed=0)
     print(f"num_workers={args.workers}; pipeline: {', '.join(type(t).__name__ for t in transform.transforms)}")
     for name, shape, n in (("28x28x1", (28, 28, 1), 4096), ("224x224x3", (224, 224, 3), 512)):
         x = rng.integers(0, 255, size=(n, *shape), dtype=np.uint8)  # image content does not change the cost

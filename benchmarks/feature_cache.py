@@ -26,9 +26,9 @@ from pipeline.evaluation import predict_proba
 from pipeline.models import registry
 from pipeline.models.classifier import Classifier
 from pipeline.models.transfer import HeadOnly, TransferNet, extract_features, freeze_base, load_imagenet_base
-from pipeline.stages.common import fit, seed_all
-from pipeline.stages.transfer_learn import epochs_for
+from pipeline.training.fit import FitConfig, fit, seed_all
 from pipeline.training.module import ClassifierModule, OptimConfig
+from pipeline.training.transfer import epochs_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,6 @@ def main() -> None:
     arch = registry.get(tp.backbone)
     epochs = epochs_for(tp.head_steps, len(idx), tp.batch_size)
     os.chdir(tempfile.mkdtemp())
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{os.getcwd()}/mlflow.db"
     results = {}
     for cached in (False, True, False, True):  # alternating rounds: the second of each is the one reported
         seed_all(0)
@@ -58,16 +57,13 @@ def main() -> None:
         start = time.perf_counter()
         if cached:
             feats = {k: extract_features(model, v[0]) for k, v in (("train", train), ("val", val))}
-            module = ClassifierModule(HeadOnly(model.net.head), 10, OptimConfig(lr=tp.lr))
+            module = ClassifierModule(HeadOnly(model.net.head), 10, OptimConfig.from_params(lr=tp.lr, scheduler="none", warmup_epochs=0))
             dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])),
                                   (feats["val"], torch.as_tensor(val[1])), tp.batch_size, 0)
         else:
-            module = ClassifierModule(model, 10, OptimConfig(lr=tp.lr))
+            module = ClassifierModule(model, 10, OptimConfig.from_params(lr=tp.lr, scheduler="none", warmup_epochs=0))
             dm = ImageDataModule({"train": train, "val": val}, tp.batch_size, 0, 0)
-        fit(module, dm, trainer_params=params_mod.TrainerParams(), epochs=epochs, experiment="benchmark",
-            run_name=f"cached={cached}", tags={}, log_params={}, input_shape=(3, tp.image_size, tp.image_size),
-            checkpoint_name=f"bench_{cached}", tracked=model, log_model=False, log_checkpoint=False,
-            val_every=max(1, epochs // 5), quiet=True)
+        fit(module, dm, FitConfig(params_mod.TrainerParams(), epochs, val_every=max(1, epochs // 5), quiet=True))
         seconds = time.perf_counter() - start
         acc = (predict_proba(model, splits["test"][0], 28).argmax(1) == splits["test"][1]).mean()
         results[cached] = (seconds, float(acc))

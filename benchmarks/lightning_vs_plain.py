@@ -51,7 +51,7 @@ def main() -> None:
     plain = args.steps / (time.perf_counter() - start)
 
     # The project's LightningModule through a Trainer (no logger/checkpoint/progress bar: the step itself).
-    module = ClassifierModule(new_model(), 10, OptimConfig(scheduler="none"))
+    module = ClassifierModule(new_model(), 10, OptimConfig.from_params(scheduler="none", warmup_epochs=0))
     trainer = pl.Trainer(max_steps=args.steps, accelerator="auto", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_val_batches=0, num_sanity_val_steps=0)

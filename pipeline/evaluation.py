@@ -31,6 +31,12 @@ def predict_proba(model: nn.Module, images: np.ndarray, image_size: int, batch_s
     return torch.cat(out).numpy() if out else np.zeros((0, 0))
 
 
+def accuracy(probs_or_pred: np.ndarray, y_true: np.ndarray) -> float:
+    """Share of correct predictions, from class probabilities (N, C) or predicted labels (N,)."""
+    pred = probs_or_pred.argmax(axis=1) if probs_or_pred.ndim == 2 else probs_or_pred
+    return float((pred == y_true).mean())
+
+
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
     """Weighted mean |accuracy - confidence| over equal-width confidence bins."""
     confidence = probs.max(axis=1)
@@ -152,3 +158,30 @@ def macs_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     with counter, torch.no_grad():
         model(torch.zeros((1, *input_shape)))
     return int(counter.get_total_flops() // 2)
+
+
+def sweep_summary(rows: list[dict], strategies: list[str], ns: list[int]) -> tuple[dict, dict, list[str]]:
+    """Mean and std per (N, strategy); per N the winner, the runner-up, and whether the gap beats the spread."""
+    summary, verdict, lines = {}, {}, []
+    for n in ns:
+        summary[str(n)] = {}
+        for strategy in strategies:
+            accs = np.array([r["test_acc"] for r in rows if r["target_per_class"] == n and r["strategy"] == strategy])
+            summary[str(n)][strategy] = {"mean": round(float(accs.mean()), 6),
+                                         "std": round(float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, 6),
+                                         "runs": int(len(accs))}
+        ranked = sorted(strategies, key=lambda st: -summary[str(n)][st]["mean"])
+        best = summary[str(n)][ranked[0]]
+        entry = {"winner": ranked[0], "mean": best["mean"]}
+        if len(ranked) > 1:
+            second = summary[str(n)][ranked[1]]
+            gap = best["mean"] - second["mean"]
+            spread = max(best["std"], second["std"])
+            entry |= {"runner_up": ranked[1], "gap": round(gap, 6), "spread": round(spread, 6),
+                      "clear": bool(gap > spread)}
+            lines.append(f"N={n}: {ranked[0]} {best['mean']:.3f} +- {best['std']:.3f} vs {ranked[1]} "
+                         f"{second['mean']:.3f} +- {second['std']:.3f}: gap {gap:.3f} "
+                         f"{'>' if gap > spread else '<='} spread {spread:.3f} "
+                         f"({'clear' if gap > spread else 'within the spread'})")
+        verdict[str(n)] = entry
+    return summary, verdict, lines

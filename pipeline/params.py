@@ -58,23 +58,23 @@ class DataParams(Section):
 
 # ------------------------------------------------------------------------------------------ augment
 class CoarseDropoutParams(Section):
-    p: Probability = 0.0
-    max_holes: Annotated[int, Field(ge=1, le=16)] = 1
+    p: Probability = 0.2
+    max_holes: Annotated[int, Field(ge=1, le=16)] = 2
     max_size: Annotated[float, Field(gt=0.0, le=1.0)] = 0.25
 
 
 class AugmentParams(Section):
     enabled: bool = True
-    rotation_range: Annotated[float, Field(ge=0.0, le=180.0)] = 20.0
-    width_shift_range: Fraction = 0.2
-    height_shift_range: Fraction = 0.2
-    zoom_range: Fraction = 0.2
+    rotation_range: Annotated[float, Field(ge=0.0, le=180.0)] = 15.0
+    width_shift_range: Fraction = 0.1
+    height_shift_range: Fraction = 0.1
+    zoom_range: Fraction = 0.1
     affine_p: Probability = 0.8
     horizontal_flip: bool = False
     flip_p: Probability = 0.5
-    brightness: Fraction = 0.0
-    contrast: Fraction = 0.0
-    brightness_contrast_p: Probability = 0.0
+    brightness: Fraction = 0.2
+    contrast: Fraction = 0.2
+    brightness_contrast_p: Probability = 0.3
     coarse_dropout: CoarseDropoutParams = CoarseDropoutParams()
     offline_copies: Annotated[int, Field(ge=0, le=20)] = 0
     preview_images: Annotated[int, Field(ge=1, le=16)] = 6
@@ -96,16 +96,16 @@ class ConvBlock(Section):
 class ModelParams(Section):
     preset: Literal["seed_mnist", "keras_tutorial", "lenet5", "custom"] = "seed_mnist"
     # Used when preset is `custom`: the layer stack, written out.
-    blocks: list[ConvBlock] = [ConvBlock(filters=32), ConvBlock(filters=64), ConvBlock(filters=128)]
-    head: Literal["flatten", "global_avg_pool"] = "flatten"
+    blocks: list[ConvBlock] = [ConvBlock(filters=32, batch_norm=True), ConvBlock(filters=64, batch_norm=True),
+                               ConvBlock(filters=128, batch_norm=True, pool="none")]
+    head: Literal["flatten", "global_avg_pool"] = "global_avg_pool"
     dense: list[Annotated[int, Field(ge=1)]] = [128]
-    dropout: Fraction = 0.0
+    dropout: Fraction = 0.3
 
 
 # -------------------------------------------------------------------------------------------- train
 class EarlyStoppingParams(Section):
     enabled: bool = True
-    monitor: Literal["val_acc", "val_loss"] = "val_acc"
     patience: Annotated[int, Field(ge=1)] = 5
 
 
@@ -119,9 +119,10 @@ class TrainParams(Section):
     label_smoothing: Fraction = 0.0
     gradient_clip_val: Annotated[float, Field(ge=0.0)] = 0.0
     scheduler: Literal["none", "cosine", "step", "plateau", "onecycle"] = "cosine"
-    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    warmup_epochs: Annotated[int, Field(ge=0)] = 1
     step_size: Annotated[int, Field(ge=1)] = 5
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    monitor: Literal["val_acc", "val_loss"] = "val_acc"  # picks the saved checkpoint (and early stopping)
     early_stopping: EarlyStoppingParams = EarlyStoppingParams()
     limit_train_batches: Annotated[float, Field(gt=0.0)] = 1.0
 
@@ -203,6 +204,7 @@ class CompareParams(Section):
         "efficientnet_b0",
         "mobilenet_v2",
         "efficientnet_lite0",
+        "resnet18",
         "seed_mnist",
     ]
     trained: list[str] = ["lenet5", "seed_mnist", "resnet18", "mobilenet_v2"]

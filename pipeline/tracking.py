@@ -19,6 +19,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.fundamentals.summary import format_table, layer_table, param_counts, table_rows
+from pipeline.rank import is_rank_zero
 
 MODEL_ARTIFACT = "model"
 
@@ -101,7 +102,7 @@ def make_logger(experiment: str, run_name: str, tags: dict[str, str], run_id: st
     from pytorch_lightning.loggers import MLFlowLogger
 
     uri = tracking_uri()
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and int(os.environ.get("NODE_RANK", "0")) == 0:
+    if is_rank_zero():
         ensure_experiment(experiment)
     return MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=tags,
                         run_id=run_id, artifact_location=_artifact_location())

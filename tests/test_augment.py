@@ -14,7 +14,7 @@ from pipeline.params import AugmentParams, parse
 
 
 def default_pipeline(seed=0, **overrides):
-    return aug.from_params(AugmentParams(**overrides), seed)
+    return aug.build(AugmentParams(**overrides), seed)
 
 
 def test_roundtrip_gives_the_same_transforms(tmp_path):
@@ -23,7 +23,7 @@ def test_roundtrip_gives_the_same_transforms(tmp_path):
     loaded = aug.load(tmp_path / "pipeline.json", seed=0)
     assert A.to_dict(loaded) == A.to_dict(transform)
     names = [type(t).__name__ for t in loaded.transforms]
-    assert names == ["Affine", "HorizontalFlip", "CoarseDropout"]
+    assert names == ["Affine", "HorizontalFlip", "RandomBrightnessContrast", "CoarseDropout"]
     image = np.random.default_rng(0).integers(0, 255, (28, 28, 1), dtype=np.uint8)
     fresh = aug.load(tmp_path / "pipeline.json", seed=5)
     again = aug.load(tmp_path / "pipeline.json", seed=5)

@@ -81,3 +81,8 @@ def test_unknown_profile_lists_known(tmp_path):
     target.write_text((REPO / "params.yaml").read_text())
     with pytest.raises(PipelineError, match="unknown profile 'huge'; known profiles: mnist_full, tiny"):
         apply_profile("huge", target)
+
+
+def test_params_yaml_states_the_schemas_defaults():
+    """One set of defaults: params.yaml writes out exactly what the schema would use."""
+    assert flatten(Params()) == flatten(load(REPO / "params.yaml"))

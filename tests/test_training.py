@@ -6,67 +6,79 @@ import csv
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
 import yaml
 
-from pipeline.data.datamodule import ImageDataModule
-from pipeline.models.classifier import Classifier
-from pipeline.models.cnn import CNN, PRESETS
-from pipeline.params import AugmentParams, TrainerParams
-from pipeline.stages.common import fit, seed_all
-from pipeline.training.module import ClassifierModule, OptimConfig
+from pipeline.params import AugmentParams, parse
 from tests.conftest import make_repo_copy, run_module
 
 
-def tiny_fit(data, experiment="tests", seed=0, epochs=2):
+def scratch_run(tmp_path, data, seed=0, epochs=2) -> dict:
+    """train_scratch.run(params) in tmp_path, on the tiny prepared digits with the default augmentation."""
     from pipeline.data import augment as aug
+    from pipeline.stages import train_scratch
 
-    seed_all(seed)
-    model = Classifier(CNN(PRESETS["seed_mnist"], 1, 28, 10), data.mean, data.std, 1)
-    dm = ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}, 32, 0, seed,
-                         aug.from_params(AugmentParams(), seed))
-    module = ClassifierModule(model, 10, OptimConfig(scheduler="cosine", warmup_epochs=1))
-    return fit(module, dm, trainer_params=TrainerParams(), epochs=epochs, experiment=experiment,
-               run_name="train_scratch/seed_mnist", tags={"stage": "train_scratch"},
-               log_params={"train.lr": 0.001, "model.preset": "seed_mnist"}, input_shape=(1, 28, 28),
-               checkpoint_name=f"test_{seed}")
+    data.save(tmp_path / "data/prepared")
+    aug.save(aug.build(AugmentParams(), seed))
+    p = parse({"seed": seed, "train": {"epochs": epochs, "batch_size": 32}})
+    return train_scratch.run(p)
+
+
+def curves(tmp_path) -> list[dict]:
+    with open(tmp_path / "plots/train_scratch.csv") as fh:
+        return list(csv.DictReader(fh))
 
 
 def test_tiny_run_is_fully_tracked(tmp_path, monkeypatch, mlflow_store, tiny_prepared):
     from mlflow import MlflowClient
 
+    from pipeline.models import checkpoint
+
     monkeypatch.chdir(tmp_path)
-    result = tiny_fit(tiny_prepared)
+    metrics = scratch_run(tmp_path, tiny_prepared)
+    run_id = metrics["mlflow_run_id"]
     client = MlflowClient(mlflow_store)
-    run = client.get_run(result.run_id)
-    assert run.info.run_name == "train_scratch/seed_mnist"
-    assert run.data.params["train.lr"] == "0.001"
+    run = client.get_run(run_id)
+    assert run.info.run_name == "train_scratch/seed_mnist" and run.info.status == "FINISHED"
+    assert run.data.params["train.lr"] == "0.001" and run.data.params["train.monitor"] == "val_acc"
     assert run.data.params["params_total"] == "421642"
     assert run.data.metrics["params_trainable"] == 421_642 and run.data.metrics["params_non_trainable"] == 0
     for key in ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s"):
-        assert len(client.get_metric_history(result.run_id, key)) == 2, key
-    table = client.download_artifacts(result.run_id, "summary/layers.csv", str(tmp_path))
+        assert len(client.get_metric_history(run_id, key)) == 2, key
+    assert run.data.metrics["best_val_acc"] == pytest.approx(metrics["best_val_acc"], abs=1e-6)
+    table = client.download_artifacts(run_id, "summary/layers.csv", str(tmp_path))
     rows = list(csv.DictReader(open(table)))
     assert [int(r["params"]) for r in rows if int(r["params"])] == [320, 18_496, 401_536, 1_290]
-    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"summary", "curves", "checkpoints"} <= artifacts
-    # The logged model loads in a fresh process and predicts any batch size.
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"summary", "curves", "checkpoints", "augmentation"} <= artifacts
+    # The saved model file holds the best epoch's weights, and the logged model is the same network.
+    model, meta = checkpoint.load(tmp_path / "models/scratch/model.pt")
+    assert (tmp_path / "models/scratch/best.ckpt").exists() and not list((tmp_path / ".cache/checkpoints").iterdir())
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    np.save(tmp_path / "x.npy", x.numpy())
+    expected = model(x).detach().numpy()
+    # The logged model loads in a fresh process, outside this repository's editable install, and predicts
+    # exactly what the saved model predicts.
     code = ("import mlflow, numpy as np, sys; m = mlflow.pyfunc.load_model(sys.argv[1]);"
-            "print(m.predict(np.random.rand(3, 1, 28, 28).astype('float32')).shape);"
+            "np.save('pred.npy', m.predict(np.load('x.npy')));"
             "t = mlflow.pytorch.load_model(sys.argv[1]); import torch;"
             "print(tuple(t(torch.rand(5, 1, 28, 28)).shape))")
-    out = subprocess.run([sys.executable, "-c", code, result.model_uri], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-I", "-c", code, meta["model_uri"]], capture_output=True, text=True,
                          env={"MLFLOW_TRACKING_URI": mlflow_store, "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
-    assert out.stdout.split("\n")[:2] == ["(3, 10)", "(5, 10)"], out.stderr[-2000:]
+    assert out.stdout.strip().endswith("(5, 10)"), out.stderr[-2000:]
+    assert np.allclose(np.load(tmp_path / "pred.npy"), expected, atol=1e-5)
 
 
 def test_same_seed_same_metrics(tmp_path, monkeypatch, mlflow_store, tiny_prepared):
     monkeypatch.chdir(tmp_path)
-    a = tiny_fit(tiny_prepared, seed=1)
-    b = tiny_fit(tiny_prepared, seed=1)
-    c = tiny_fit(tiny_prepared, seed=2)
-    assert [r["train_loss"] for r in a.rows] == [r["train_loss"] for r in b.rows]
-    assert a.rows[-1]["val_loss"] == b.rows[-1]["val_loss"]
-    assert a.rows[-1]["train_loss"] != c.rows[-1]["train_loss"]
+    a = (scratch_run(tmp_path, tiny_prepared, seed=1), curves(tmp_path))
+    b = (scratch_run(tmp_path, tiny_prepared, seed=1), curves(tmp_path))
+    c = (scratch_run(tmp_path, tiny_prepared, seed=2), curves(tmp_path))
+    assert [r["train_loss"] for r in a[1]] == [r["train_loss"] for r in b[1]]
+    assert a[0]["best_val_loss"] == b[0]["best_val_loss"] and a[0]["mlflow_run_id"] != b[0]["mlflow_run_id"]
+    assert a[1][-1]["train_loss"] != c[1][-1]["train_loss"]
 
 
 def test_unreachable_store_fails_before_training(tmp_path):

@@ -24,7 +24,7 @@ from pipeline.models.transfer import (
 )
 from pipeline.models.weights import torchvision_weights_file
 from pipeline.params import TrainerParams
-from pipeline.stages.common import fit, seed_all
+from pipeline.training.fit import FitConfig, fit, seed_all
 from pipeline.training.module import ClassifierModule, OptimConfig
 
 
@@ -52,7 +52,7 @@ def test_frozen_base_is_bit_identical_after_a_step_while_the_head_changes():
     seed_all(0)
     model = Classifier(TransferNet("resnet18", 5, 16, 0.0, 32, 3), [0.5], [0.25], 3)
     freeze_base(model.net, 0)
-    module = ClassifierModule(model, 5, OptimConfig(lr=0.01))
+    module = ClassifierModule(model, 5, OptimConfig.from_params(lr=0.01, scheduler="none", warmup_epochs=0))
     module.train()
     assert not model.net.base[1].training  # frozen BatchNorm keeps its statistics
     base_before = {k: v.clone() for k, v in model.net.base.state_dict().items()}  # incl. BN buffers
@@ -69,7 +69,8 @@ def test_frozen_base_is_bit_identical_after_a_step_while_the_head_changes():
 def test_fine_tuning_gives_the_base_a_lower_lr():
     model = Classifier(TransferNet("resnet18", 5, 16, 0.0, 32, 3), [0.5], [0.25], 3)
     freeze_base(model.net, 2)  # the last two blocks (layer3, layer4) train
-    module = ClassifierModule(model, 5, OptimConfig(lr=1e-3, base_prefix="net.base", base_lr_factor=0.1))
+    module = ClassifierModule(model, 5, OptimConfig.from_params(lr=1e-3, scheduler="none", warmup_epochs=0, base_prefix="net.base",
+                                                                base_lr_factor=0.1))
     groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
     assert groups["head"]["lr"] == pytest.approx(1e-3) and groups["base"]["lr"] == pytest.approx(1e-4)
     base_ids = {id(p) for p in groups["base"]["params"]}
@@ -94,15 +95,13 @@ def test_cached_feature_path_agrees_with_naive_loop(tmp_path, monkeypatch, mlflo
         bn_before = model.net.base[1].running_mean.clone()
         if cached:
             feats = {k: extract_features(model, v[0]) for k, v in (("train", train), ("val", splits["val"]))}
-            module = ClassifierModule(HeadOnly(model.net.head), 5, OptimConfig(lr=0.01))
+            module = ClassifierModule(HeadOnly(model.net.head), 5, OptimConfig.from_params(lr=0.01))
             dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])),
                                   (feats["val"], torch.as_tensor(splits["val"][1])), 8, 0)
         else:
-            module = ClassifierModule(model, 5, OptimConfig(lr=0.01))
+            module = ClassifierModule(model, 5, OptimConfig.from_params(lr=0.01))
             dm = ImageDataModule({"train": train, "val": splits["val"]}, 8, 0, 0)
-        result = fit(module, dm, trainer_params=TrainerParams(), epochs=3, experiment="t", run_name=f"fe{cached}",
-                     tags={}, log_params={}, input_shape=(3, 32, 32), checkpoint_name=f"fe{cached}", tracked=model,
-                     log_model=False)
+        result = fit(module, dm, FitConfig(TrainerParams(), 3))
         losses[cached] = [(r["train_loss"], r["val_loss"]) for r in result.rows]
         heads[cached] = model.net.head.state_dict()
         assert torch.equal(model.net.base[1].running_mean, bn_before)  # frozen BN statistics untouched
@@ -179,10 +178,10 @@ def test_mismatching_checkpoint_names_the_first_bad_layer(tmp_path):
     donor = checkpoint.build_classifier(arch, [0.5], [0.25])
     checkpoint.save(tmp_path / "gray.pt", donor, arch, {"name": "gray"})
     rgb = TransferNet("seed_mnist", 5, 16, 0.0, 28, 3)
-    with pytest.raises(PipelineError, match=r"layer 0.weight has shape \(32, 1, 3, 3\), seed_mnist needs \(32, 3, 3, 3\)"):
+    with pytest.raises(PipelineError, match=r"layer 0.weight does not fit \(shape \(32, 1, 3, 3\); seed_mnist needs \(32, 3, 3, 3\)\)"):
         load_base_from_checkpoint(rgb, tmp_path / "gray.pt")
     other = TransferNet("resnet18", 5, 16, 0.0, 32, 3)
-    with pytest.raises(PipelineError, match=r"layer 0.weight has shape .* resnet18 needs \(64, 3, 7, 7\)"):
+    with pytest.raises(PipelineError, match=r"layer 0.weight does not fit \(shape .*; resnet18 needs \(64, 3, 7, 7\)\)"):
         load_base_from_checkpoint(other, tmp_path / "gray.pt")
     same = TransferNet("seed_mnist", 5, 16, 0.0, 28, 1)
     load_base_from_checkpoint(same, tmp_path / "gray.pt")
@@ -199,7 +198,7 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
 
     monkeypatch.chdir(tmp_path)
     tiny_prepared.save(tmp_path / "data/prepared")
-    aug.save(aug.from_params(params_mod.AugmentParams(), 0))
+    aug.save(aug.build(params_mod.AugmentParams(), 0))
     p = params_mod.parse({"transfer": {"strategies": ["feature_extraction", "fine_tuning", "scratch",
                                                       "scratch_backbone"], "image_size": 32, "target_per_class": [2, 3], "seeds": 2, "steps": 2,
                                        "head_steps": 3, "cnn_steps": 3, "val_per_class": 2, "batch_size": 4}})

@@ -19,44 +19,31 @@ OFFLINE_PATH = Path("data/augmented/offline.npz")
 PREVIEW_PATH = Path("plots/augment/preview.png")
 
 
-def build(
-    enabled: bool, rotation_range: float, width_shift_range: float, height_shift_range: float,
-    zoom_range: float, affine_p: float, horizontal_flip: bool, flip_p: float, brightness: float,
-    contrast: float, brightness_contrast_p: float, dropout_p: float, dropout_max_holes: int,
-    dropout_max_size: float, seed: int,
-) -> A.Compose:
-    """An A.Compose in the seed's (Keras ImageDataGenerator) terms; empty when disabled."""
+def build(p, seed: int) -> A.Compose:
+    """An A.Compose from a params.augment section, in the seed's (Keras ImageDataGenerator) terms; empty when
+    augmentation is disabled."""
     transforms: list[A.BasicTransform] = []
-    if enabled:
-        if rotation_range or width_shift_range or height_shift_range or zoom_range:
+    if p.enabled:
+        if p.rotation_range or p.width_shift_range or p.height_shift_range or p.zoom_range:
             transforms.append(A.Affine(
-                rotate=(-rotation_range, rotation_range),
-                translate_percent={"x": (-width_shift_range, width_shift_range),
-                                   "y": (-height_shift_range, height_shift_range)},
-                scale=(1.0 - zoom_range, 1.0 + zoom_range),
-                border_mode=0, fill=0, p=affine_p,
+                rotate=(-p.rotation_range, p.rotation_range),
+                translate_percent={"x": (-p.width_shift_range, p.width_shift_range),
+                                   "y": (-p.height_shift_range, p.height_shift_range)},
+                scale=(1.0 - p.zoom_range, 1.0 + p.zoom_range),
+                border_mode=0, fill=0, p=p.affine_p,
             ))
-        if horizontal_flip:
-            transforms.append(A.HorizontalFlip(p=flip_p))
-        if brightness or contrast:
+        if p.horizontal_flip:
+            transforms.append(A.HorizontalFlip(p=p.flip_p))
+        if p.brightness or p.contrast:
             transforms.append(A.RandomBrightnessContrast(
-                brightness_limit=brightness, contrast_limit=contrast, p=brightness_contrast_p))
-        if dropout_p > 0:
+                brightness_limit=p.brightness, contrast_limit=p.contrast, p=p.brightness_contrast_p))
+        cut = p.coarse_dropout
+        if cut.p > 0:
             transforms.append(A.CoarseDropout(
-                num_holes_range=(1, dropout_max_holes),
-                hole_height_range=(0.1, dropout_max_size), hole_width_range=(0.1, dropout_max_size),
-                fill=0, p=dropout_p,
+                num_holes_range=(1, cut.max_holes), hole_height_range=(0.1, cut.max_size),
+                hole_width_range=(0.1, cut.max_size), fill=0, p=cut.p,
             ))
     return A.Compose(transforms, seed=seed)
-
-
-def from_params(p, seed: int) -> A.Compose:
-    """Build from a params.augment section."""
-    return build(
-        p.enabled, p.rotation_range, p.width_shift_range, p.height_shift_range, p.zoom_range, p.affine_p,
-        p.horizontal_flip, p.flip_p, p.brightness, p.contrast, p.brightness_contrast_p,
-        p.coarse_dropout.p, p.coarse_dropout.max_holes, p.coarse_dropout.max_size, seed,
-    )
 
 
 def save(transform: A.Compose, path: Path = PIPELINE_PATH) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import shutil
-import socket
 import subprocess
 import tarfile
 import tempfile
@@ -28,6 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
+from pipeline.offline import network_timeout
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -164,18 +164,13 @@ def _torchvision_download(name: str, raw_dir: Path) -> None:
     """torchvision's own download, into a temporary root first so that a failed one leaves nothing behind."""
     folder, _ = TORCHVISION_FILES[name]
     raw_dir.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(15)  # never hang on a closed network
-    try:
-        with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".download-") as tmp:
-            try:
-                for train in (True, False):
-                    _dataset_class(name)(root=tmp, train=train, download=True)
-            except Exception as exc:  # torchvision raises several kinds on a failed download
-                raise _Unavailable(f"torchvision's download failed ({type(exc).__name__})") from None
-            _move_into(Path(tmp) / folder, raw_dir / folder)
-    finally:
-        socket.setdefaulttimeout(previous)
+    with network_timeout(), tempfile.TemporaryDirectory(dir=raw_dir, prefix=".download-") as tmp:
+        try:
+            for train in (True, False):
+                _dataset_class(name)(root=tmp, train=train, download=True)
+        except Exception as exc:  # torchvision raises several kinds on a failed download
+            raise _Unavailable(f"torchvision's download failed ({type(exc).__name__})") from None
+        _move_into(Path(tmp) / folder, raw_dir / folder)
 
 
 def _move_into(src: Path, dest: Path) -> None:

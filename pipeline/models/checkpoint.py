@@ -17,6 +17,8 @@ from pipeline.errors import PipelineError
 from pipeline.models import registry
 from pipeline.models.classifier import Classifier
 from pipeline.models.cnn import CNN, CNNSpec
+from pipeline.models.state import check_fits, read
+from pipeline.models.transfer import TransferNet
 
 FORMAT = "cnn-pipeline/1"
 
@@ -32,24 +34,26 @@ def transfer_arch(backbone: str, num_classes: int, head_units: int, head_dropout
             "head_dropout": head_dropout, "image_size": image_size, "in_channels": in_channels}
 
 
+def _cnn(arch: dict[str, Any]) -> tuple[nn.Module, int]:
+    net = CNN(CNNSpec.from_dict(arch["spec"]), arch["in_channels"], arch["image_size"], arch["num_classes"])
+    return net, arch["in_channels"]
+
+
+def _transfer(arch: dict[str, Any]) -> tuple[nn.Module, int]:
+    channels = registry.get(arch["backbone"]).input_channels(arch["in_channels"])
+    net = TransferNet(arch["backbone"], arch["num_classes"], arch["head_units"], arch["head_dropout"],
+                      arch["image_size"], channels)
+    return net, channels
+
+
+BUILDERS = {"cnn": _cnn, "transfer": _transfer}
+
+
 def build_net(arch: dict[str, Any]) -> tuple[nn.Module, int]:
     """The bare network an arch description names, and the input channels it expects."""
-    kind = arch["kind"]
-    if kind == "cnn":
-        return CNN(CNNSpec.from_dict(arch["spec"]), arch["in_channels"], arch["image_size"],
-                   arch["num_classes"]), arch["in_channels"]
-    if kind == "registry":
-        entry = registry.get(arch["name"])
-        channels = entry.input_channels(arch["in_channels"])
-        return entry.build(arch["num_classes"], arch["image_size"], channels), channels
-    if kind == "transfer":
-        from pipeline.models.transfer import TransferNet
-
-        channels = registry.get(arch["backbone"]).input_channels(arch["in_channels"])
-        net = TransferNet(arch["backbone"], arch["num_classes"], arch["head_units"], arch["head_dropout"],
-                          arch["image_size"], channels)
-        return net, channels
-    raise PipelineError(f"unknown model kind {kind!r} in checkpoint")
+    if arch.get("kind") not in BUILDERS:
+        raise PipelineError(f"unknown model kind {arch.get('kind')!r} in checkpoint (known: {', '.join(BUILDERS)})")
+    return BUILDERS[arch["kind"]](arch)
 
 
 def build_classifier(arch: dict[str, Any], mean: list[float], std: list[float]) -> Classifier:
@@ -67,44 +71,13 @@ def save(path: Path, model: Classifier, arch: dict[str, Any], meta: dict[str, An
         torch.save(payload, tmp)
 
 
-def read(path: Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise PipelineError(f"checkpoint {path}: not found")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise PipelineError(f"checkpoint {path}: not a loadable torch file ({type(exc).__name__})") from None
-    return payload
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The weights of a pipeline checkpoint, a Lightning checkpoint or a plain state dict."""
-    payload = read(path)
-    if isinstance(payload, dict) and "state_dict" in payload:
-        state = payload["state_dict"]
-        # Lightning prefixes the module attribute ("model.") to every key.
-        if all(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items()}
-        return state
-    if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
-        return payload
-    raise PipelineError(f"checkpoint {path}: no state dict inside")
-
-
 def load(path: Path) -> tuple[Classifier, dict[str, Any]]:
     """Rebuild the classifier a pipeline checkpoint describes and load its weights; meta alongside."""
     payload = read(path)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise PipelineError(f"checkpoint {path}: not a cnn-pipeline model file (format {FORMAT})")
     model = build_classifier(payload["arch"], payload["mean"], payload["std"])
-    own = model.state_dict()
-    for key, tensor in own.items():
-        theirs = payload["state_dict"].get(key)
-        if theirs is None or tuple(theirs.shape) != tuple(tensor.shape):
-            got = "missing" if theirs is None else f"shape {tuple(theirs.shape)}"
-            raise PipelineError(f"checkpoint {path}: layer {key} does not fit ({got}, model needs "
-                                f"{tuple(tensor.shape)})")
+    check_fits(model.state_dict(), payload["state_dict"], f"checkpoint {path}", "the model")
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, payload["meta"] | {"arch": payload["arch"]}

@@ -125,12 +125,12 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def spec_from_params(preset: str, blocks: list, head: str, dense: list[int], dropout: float) -> CNNSpec:
-    """The named preset, or (preset `custom`) the layer stack written in params.model."""
-    if preset != "custom":
-        return PRESETS[preset]
+def spec_from_params(m) -> CNNSpec:
+    """From a params.model section: the named preset, or (preset `custom`) the layer stack written there."""
+    if m.preset != "custom":
+        return PRESETS[m.preset]
     return CNNSpec(
         name="custom",
-        blocks=tuple(Block(**b.model_dump()) if hasattr(b, "model_dump") else Block(**b) for b in blocks),
-        head=head, dense=tuple(dense), dropout=dropout,
+        blocks=tuple(Block(**b.model_dump()) if hasattr(b, "model_dump") else Block(**b) for b in m.blocks),
+        head=m.head, dense=tuple(m.dense), dropout=m.dropout,
     )

@@ -13,6 +13,7 @@ from torch import nn
 
 from pipeline.errors import PipelineError
 from pipeline.models import registry
+from pipeline.models.state import check_fits, read_state_dict
 
 
 class TransferNet(nn.Module):
@@ -100,8 +101,6 @@ def load_imagenet_base(model: TransferNet) -> None:
 
 def load_base_from_checkpoint(model: TransferNet, path: Path) -> None:
     """Load the conv base from a checkpoint of this pipeline; a shape mismatch names the first bad layer."""
-    from pipeline.models.checkpoint import read_state_dict
-
     state = read_state_dict(path)
     prefixes = ("net.base.", "base.", "net.features.", "features.")
     prefix = next((p for p in prefixes if any(k.startswith(p) for k in state)), None)
@@ -109,14 +108,7 @@ def load_base_from_checkpoint(model: TransferNet, path: Path) -> None:
         raise PipelineError(f"transfer.weights={path}: no convolutional base in this checkpoint")
     base_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     own = model.base.state_dict()
-    for key, tensor in own.items():
-        theirs = base_state.get(key)
-        if theirs is None:
-            raise PipelineError(f"transfer.weights={path}: layer {key} is missing "
-                                f"(checkpoint of another backbone than {model.backbone_name}?)")
-        if tuple(theirs.shape) != tuple(tensor.shape):
-            raise PipelineError(f"transfer.weights={path}: layer {key} has shape {tuple(theirs.shape)}, "
-                                f"{model.backbone_name} needs {tuple(tensor.shape)}")
+    check_fits(own, base_state, f"transfer.weights={path}", model.backbone_name)
     model.base.load_state_dict({k: base_state[k] for k in own})
 
 

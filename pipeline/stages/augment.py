@@ -24,7 +24,7 @@ def run(p: params_mod.Params) -> None:
     """Build the albumentations pipeline from params.augment, save it (what training loads), preview it."""
     a = p.augment
     data = PreparedData.load()
-    transform = aug.from_params(a, p.seed)
+    transform = aug.build(a, p.seed)
     names = [type(t).__name__ for t in transform.transforms] or ["(none: augment.enabled is false)"]
     print(f"augment: {', '.join(names)}", flush=True)
 
@@ -47,14 +47,13 @@ def run(p: params_mod.Params) -> None:
     preview_path = plots.augmentation_preview(originals, views, Path("plots/augment/preview.png"))
 
     tracking.check_store()
-    client = tracking.client()
-    mlrun = client.create_run(tracking.ensure_experiment(p.mlflow.experiment), run_name="augment",
-                            tags=tracking.run_tags("augment", "albumentations", data.data_hash))
-    tracking.log_params(mlrun.info.run_id, params_mod.flatten({"seed": p.seed, "augment": a}))
-    tracking.log_artifact(mlrun.info.run_id, OUT_DIR / "pipeline.json", "augmentation")
-    tracking.log_artifact(mlrun.info.run_id, preview_path, "augmentation")
-    client.set_terminated(mlrun.info.run_id)
-    print(f"augment: MLflow run {mlrun.info.run_id}", flush=True)
+    run_id = tracking.start_run(p.mlflow.experiment, "augment",
+                                tracking.run_tags("augment", "albumentations", data.data_hash))
+    with tracking.ended(run_id):
+        tracking.log_params(run_id, params_mod.flatten({"seed": p.seed, "augment": a}))
+        tracking.log_artifact(run_id, OUT_DIR / "pipeline.json", "augmentation")
+        tracking.log_artifact(run_id, preview_path, "augmentation")
+    print(f"augment: MLflow run {run_id}", flush=True)
 
 
 @stage_main

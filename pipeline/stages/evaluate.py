@@ -15,6 +15,7 @@ import numpy as np
 from pipeline import params as params_mod
 from pipeline import plots, tracking
 from pipeline.atomic import write_csv, write_json
+from pipeline.data.fewshot import remap_labels
 from pipeline.data.prepared import PreparedData
 from pipeline.errors import PipelineError, stage_main
 from pipeline.evaluation import (
@@ -44,9 +45,7 @@ def evaluate_model(path: Path, data: PreparedData, e, accelerator: str) -> tuple
     name = meta["name"] if meta["stage"] == "train_scratch" else f"transfer_{meta['strategy']}"
     class_ids, class_names, size = meta["class_ids"], meta["class_names"], meta["image_size"]
     mask = np.isin(data.y["test"], class_ids)
-    x_test = data.x["test"][mask]
-    remap = {c: i for i, c in enumerate(class_ids)}
-    y_test = np.array([remap[int(v)] for v in data.y["test"][mask]], dtype=np.int64)
+    x_test, y_test = data.x["test"][mask], remap_labels(data.y["test"][mask], class_ids)
     device = device_for(accelerator)
     probs = predict_proba(model, x_test, size, e.batch_size, device)
     report = classification_report(y_test, probs, class_names, e.top_k, e.ece_bins)
@@ -93,13 +92,18 @@ def evaluate_model(path: Path, data: PreparedData, e, accelerator: str) -> tuple
     return name, result
 
 
-@stage_main
-def main() -> None:
-    p = params_mod.load()
+def run(p: params_mod.Params) -> dict:
+    """Every model file on the test split; writes metrics/evaluate.json and the reports."""
     data = PreparedData.load()
     tracking.check_store()
     results = dict(evaluate_model(path, data, p.evaluate, p.trainer.accelerator) for path in model_files())
     write_json("metrics/evaluate.json", results)
+    return results
+
+
+@stage_main
+def main() -> None:
+    run(params_mod.load())
 
 
 if __name__ == "__main__":

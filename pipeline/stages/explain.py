@@ -88,9 +88,8 @@ def block_outputs(model, image: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return outputs
 
 
-@stage_main
-def main() -> None:
-    p = params_mod.load()
+def run(p: params_mod.Params) -> list[Path]:
+    """Figures of the fundamentals on the trained scratch model; logged to its MLflow run."""
     e = p.explain
     data = PreparedData.load()
     model, meta = checkpoint.load(MODEL)
@@ -120,6 +119,12 @@ def main() -> None:
             tracking.log_artifact(run_id, fig, "explain")
     print(f"explain: wrote {len(figures)} figures to {OUT}/"
           + (f" and logged them to MLflow run {run_id}" if run_id else ""), flush=True)
+    return figures
+
+
+@stage_main
+def main() -> None:
+    run(params_mod.load())
 
 
 if __name__ == "__main__":

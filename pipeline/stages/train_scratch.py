@@ -22,10 +22,24 @@ from pipeline.errors import stage_main
 from pipeline.models import checkpoint
 from pipeline.models.classifier import Classifier
 from pipeline.models.cnn import CNN, spec_from_params
-from pipeline.stages.common import fit, is_rank_zero, seed_all
+from pipeline.rank import is_rank_zero
+from pipeline.training.callbacks import RunSpec
+from pipeline.training.fit import FitConfig, FitResult, fit, seed_all
 from pipeline.training.module import ClassifierModule, OptimConfig
 
 MODEL_DIR = Path("models/scratch")
+
+
+def training_splits(data: PreparedData, transform):
+    """The splits and the online augmentation; with offline augmented copies (augment.offline_copies) the
+    train split grows by them and the online pipeline is skipped."""
+    splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
+    offline = aug.load_offline_copies()
+    if offline is None:
+        return splits, transform
+    splits["train"] = (np.concatenate([data.x["train"], offline[0]]), np.concatenate([data.y["train"], offline[1]]))
+    print(f"train_scratch: training on {len(splits['train'][1])} images (offline augmented copies)", flush=True)
+    return splits, None
 
 
 def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
@@ -33,44 +47,31 @@ def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
 
     `extra_callbacks` (Lightning callbacks) let benchmarks watch the same training the stage runs.
     """
-    m, t = p.model, p.train
     data = PreparedData.load()
     transform = aug.load(aug.PIPELINE_PATH, seed=p.seed)
     tracking.check_store()
     seed_all(p.seed)
-
-    spec = spec_from_params(m.preset, m.blocks, m.head, m.dense, m.dropout)
+    m, t = p.model, p.train
+    spec = spec_from_params(m)
     net = CNN(spec, data.channels, data.image_size, data.num_classes)  # impossible stacks fail here
     model = Classifier(net, data.mean, data.std, data.channels)
-    splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
-    offline = aug.load_offline_copies()
-    if offline is not None:
-        # Augmentation-bound users materialize copies once (augment.offline_copies); train on them plus the
-        # originals, and skip the online pipeline.
-        splits["train"] = (np.concatenate([data.x["train"], offline[0]]), np.concatenate([data.y["train"], offline[1]]))
-        transform = None
-        print(f"train_scratch: training on {len(splits['train'][1])} images (offline augmented copies)", flush=True)
+    splits, transform = training_splits(data, transform)
     datamodule = ImageDataModule(splits, t.batch_size, p.trainer.num_workers, p.seed, transform)
-    optim = OptimConfig(t.optimizer, t.lr, t.momentum, t.weight_decay, t.label_smoothing, t.scheduler,
-                        t.warmup_epochs, t.step_size, t.gamma, t.early_stopping.monitor)
-    module = ClassifierModule(model, data.num_classes, optim)
-    run_name = f"train_scratch/{spec.name}"
     logged = params_mod.flatten({"seed": p.seed, "data": p.data, "augment": p.augment, "model": m, "train": t,
                                  "trainer": p.trainer})
     logged |= {"model.resolved": str(spec.to_dict())[:5000], "data.num_classes": data.num_classes}
-
-    result = fit(
-        module, datamodule, trainer_params=p.trainer, epochs=t.epochs, experiment=p.mlflow.experiment,
-        run_name=run_name, tags=tracking.run_tags("train_scratch", spec.name, data.data_hash),
-        log_params=logged, input_shape=(data.channels, data.image_size, data.image_size),
-        checkpoint_name="train_scratch", monitor=t.early_stopping.monitor,
-        patience=t.early_stopping.patience if t.early_stopping.enabled else None,
-        gradient_clip_val=t.gradient_clip_val, limit_train_batches=t.limit_train_batches,
-        artifacts=aug.artifacts(), extra_callbacks=extra_callbacks,
-    )
+    run_spec = RunSpec(p.mlflow.experiment, f"train_scratch/{spec.name}",
+                       tracking.run_tags("train_scratch", spec.name, data.data_hash), logged,
+                       (data.channels, data.image_size, data.image_size), artifacts=aug.artifacts())
+    config = FitConfig.from_params(t, p.trainer, keep_checkpoint=True, callbacks=tuple(extra_callbacks or ()))
+    result = fit(ClassifierModule(model, data.num_classes, OptimConfig.from_params(t)), datamodule, config,
+                 run_spec)
     if not is_rank_zero():
         return {}
+    return write_outputs(model, spec, data, result)
 
+
+def write_outputs(model: Classifier, spec, data: PreparedData, result: FitResult) -> dict:
     arch = checkpoint.cnn_arch(spec, data.channels, data.image_size, data.num_classes)
     meta = {"stage": "train_scratch", "name": spec.name, "class_names": data.class_names,
             "class_ids": list(range(data.num_classes)), "image_size": data.image_size,
@@ -79,9 +80,11 @@ def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
         checkpoint.save(tmp / "model.pt", model, arch, meta)
         if result.best_checkpoint is not None:
             shutil.copy2(result.best_checkpoint, tmp / "best.ckpt")
+    if result.best_checkpoint is not None:
+        shutil.rmtree(result.best_checkpoint.parent, ignore_errors=True)
     write_csv("plots/train_scratch.csv", result.rows)
     plots.learning_curves(result.rows, Path("plots/train_scratch/learning_curves.png"),
-                          f"{run_name}: learning curves")
+                          f"train_scratch/{spec.name}: learning curves")
     final = result.rows[-1] if result.rows else {}
     metrics = {
         "model": spec.name, "best_val_acc": round(result.best_val_acc, 6),

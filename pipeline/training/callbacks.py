@@ -1,10 +1,19 @@
-"""Callbacks own the side effects of training: per-epoch records, console lines."""
+"""Callbacks own the side effects of training: per-epoch records and console lines, the best weights, and the
+MLflow run (params, parameter counts and artifacts when fitting starts; curves, checkpoint and model at the end)."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from pipeline.rank import is_rank_zero
 
 CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 METRIC_KEYS = CURVE_KEYS[:4]
@@ -34,6 +43,109 @@ class EpochRecorder(pl.Callback):
         self.rows.append(row)
         if trainer.logger is not None:
             trainer.logger.log_metrics({"epoch_time_s": seconds, "lr": lr}, step=trainer.global_step)
-        if self.print_lines and trainer.is_global_zero:
+        if self.print_lines and is_rank_zero():
             parts = " ".join(f"{k}={row[k]:.4g}" for k in CURVE_KEYS if k in row)
             print(f"{self.label}epoch {row['epoch']}/{trainer.max_epochs} {parts} ({seconds:.1f}s)", flush=True)
+
+
+# What "better" means for each metric a training can monitor, said once.
+MONITOR_MODES = {"val_acc": "max", "val_loss": "min"}
+
+
+def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
+    """The epoch the monitor prefers (val_acc: highest, val_loss: lowest), among validated epochs."""
+    validated = [r for r in rows if monitor in r]
+    if not validated:
+        return {}
+    pick = max if MONITOR_MODES[monitor] == "max" else min
+    return pick(validated, key=lambda r: r[monitor])
+
+
+class RestoreBest(pl.Callback):
+    """When fitting ends, the module gets the weights of its best checkpoint (not of its last epoch)."""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from pipeline.training.fit import load_lightning_state
+
+        path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if path and Path(path).exists():
+            pl_module.load_state_dict(load_lightning_state(Path(path)))
+
+
+@dataclass
+class RunSpec:
+    """One training's MLflow run: where it goes, its name and tags, and what it logs besides the metrics."""
+
+    experiment: str
+    name: str
+    tags: dict[str, str]
+    params: dict[str, Any]
+    input_shape: tuple[int, ...]  # the network's input, for its layer table
+    tracked: nn.Module | None = None  # the deployable model (default: the module's model)
+    example: torch.Tensor | None = None  # the logged model's input example (default: a validation batch)
+    artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    log_model: bool = True
+    log_checkpoint: bool = True
+    parent_id: str | None = None
+    quiet: bool = False  # no layer table on the console
+
+    def callback(self) -> MLflowTracking:
+        return MLflowTracking(self)
+
+
+class MLflowTracking(pl.Callback):
+    """The run of one training; only rank zero writes to it. A failed or interrupted fit ends it FAILED
+    (Lightning finalizes its logger so)."""
+
+    def __init__(self, spec: RunSpec) -> None:
+        from pipeline import tracking
+
+        self.spec = spec
+        tags = spec.tags | ({"mlflow.parentRunId": spec.parent_id} if spec.parent_id else {})
+        self.logger = tracking.make_logger(spec.experiment, spec.name, tags)
+        self.run_id: str | None = None
+        self.counts: dict[str, int] = {}
+        self.model_uri: str | None = None
+        self._start = 0.0
+
+    def tracked(self, pl_module) -> nn.Module:
+        return self.spec.tracked if self.spec.tracked is not None else pl_module.model
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        from pipeline import tracking
+
+        self._start = time.perf_counter()
+        if not is_rank_zero():
+            return
+        self.run_id = self.logger.run_id
+        tracking.log_params(self.run_id, self.spec.params)
+        model = self.tracked(pl_module)
+        self.counts = tracking.log_param_counts(self.run_id, model, self.spec.input_shape, self.spec.name,
+                                                net=getattr(model, "net", model), quiet=self.spec.quiet)
+        for path, artifact_dir in self.spec.artifacts:
+            tracking.log_artifact(self.run_id, path, artifact_dir)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        from pipeline import plots, tracking
+        from pipeline.atomic import write_csv
+
+        if not is_rank_zero() or self.run_id is None:
+            return
+        rows = next(cb for cb in trainer.callbacks if isinstance(cb, EpochRecorder)).rows
+        ckpt = trainer.checkpoint_callback
+        best = best_row(rows, ckpt.monitor)
+        tracking.log_metrics(self.run_id, {"best_val_acc": best.get("val_acc"), "best_val_loss": best.get("val_loss"),
+                                           "epochs_run": len(rows), "train_time_s": time.perf_counter() - self._start})
+        with tempfile.TemporaryDirectory() as tmp:
+            if rows:
+                write_csv(Path(tmp) / "curves.csv", rows)
+                plots.learning_curves(rows, Path(tmp) / "learning_curves.png", f"{self.spec.name}: learning curves")
+                tracking.log_artifact(self.run_id, Path(tmp) / "curves.csv", "curves")
+                tracking.log_artifact(self.run_id, Path(tmp) / "learning_curves.png", "curves")
+        if self.spec.log_checkpoint and ckpt.best_model_path and Path(ckpt.best_model_path).exists():
+            tracking.log_artifact(self.run_id, ckpt.best_model_path, "checkpoints")
+        if self.spec.log_model:
+            example = self.spec.example
+            if example is None:
+                example = next(iter(trainer.datamodule.val_dataloader()))[0]
+            self.model_uri = tracking.log_model(self.run_id, self.tracked(pl_module), example)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.training.callbacks import MONITOR_MODES
 
 
 def set_frozen_eval(model: nn.Module) -> None:
@@ -22,19 +24,30 @@ def set_frozen_eval(model: nn.Module) -> None:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    label_smoothing: float = 0.0
-    scheduler: str = "none"
-    warmup_epochs: int = 0
-    step_size: int = 5
-    gamma: float = 0.1
-    monitor: str = "val_acc"
+    """The optimisation of params.train, field for field; the defaults are the schema's (from_params)."""
+
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    label_smoothing: float
+    scheduler: str
+    warmup_epochs: int
+    step_size: int
+    gamma: float
+    monitor: str
     # Parameters under this attribute path (e.g. "net.base") train at lr * base_lr_factor.
     base_prefix: str | None = None
     base_lr_factor: float = 1.0
+
+    @classmethod
+    def from_params(cls, train=None, **overrides) -> OptimConfig:
+        """From a params.train section (default: the schema's defaults), with overrides by name."""
+        from pipeline.params import TrainParams
+
+        train = train if train is not None else TrainParams()
+        names = [f.name for f in fields(cls) if f.name not in ("base_prefix", "base_lr_factor")]
+        return cls(**({name: getattr(train, name) for name in names} | overrides))
 
 
 class ClassifierModule(pl.LightningModule):
@@ -91,40 +104,75 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         groups = self._param_groups()
-        if o.optimizer == "sgd":
-            opt = torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=True)
-        elif o.optimizer == "adamw":
-            opt = torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay)
-        else:
-            opt = torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+        opt = OPTIMIZERS[o.optimizer](groups, o)
         if o.scheduler == "none" and not o.warmup_epochs:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
-        warmup = o.warmup_epochs * per_epoch
-        if o.scheduler == "onecycle":
-            sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt, max_lr=[g["lr"] for g in groups], total_steps=total,
-                pct_start=max(warmup / total, 0.05), anneal_strategy="cos")
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-        if o.scheduler == "plateau":
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="max" if o.monitor == "val_acc" else "min", factor=o.gamma, patience=max(1, o.step_size // 2))
-            schedulers = [{"scheduler": plateau, "interval": "epoch", "monitor": o.monitor}]
-            if warmup:
-                schedulers.insert(0, {"scheduler": torch.optim.lr_scheduler.LinearLR(
-                    opt, start_factor=1.0 / warmup, total_iters=warmup), "interval": "step"})
-            return [opt], schedulers
+        steps = Steps(total, max(1, total // max(1, self.trainer.max_epochs or 1)), o)
+        return SCHEDULERS[o.scheduler](opt, groups, steps)
 
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if o.scheduler == "cosine":
-                progress = (step - warmup) / max(1, total - warmup)
-                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-            if o.scheduler == "step":
-                return o.gamma ** ((step - warmup) // (o.step_size * per_epoch))
-            return 1.0
 
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+# ---------------------------------------------------------------------------------------------- tables
+OPTIMIZERS = {
+    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay),
+    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay),
+    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                                             nesterov=True),
+}
+
+
+@dataclass(frozen=True)
+class Steps:
+    total: int
+    per_epoch: int
+    optim: OptimConfig
+
+    @property
+    def warmup(self) -> int:
+        return self.optim.warmup_epochs * self.per_epoch
+
+
+def _per_step(factor):
+    """A LambdaLR schedule (stepped every batch) from factor(step, steps), with linear warm-up first."""
+    def build(opt, _groups, s: Steps):
+        def lr_factor(step: int) -> float:
+            return (step + 1) / s.warmup if step < s.warmup else factor(step - s.warmup, s)
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lr_factor),
+                                                   "interval": "step"}}
+
+    return build
+
+
+def _cosine(step: int, s: Steps) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, s.total - s.warmup))))
+
+
+def _step(step: int, s: Steps) -> float:
+    return s.optim.gamma ** (step // (s.optim.step_size * s.per_epoch))
+
+
+def _onecycle(opt, groups, s: Steps):
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in groups], total_steps=s.total,
+                                                pct_start=max(s.warmup / s.total, 0.05), anneal_strategy="cos")
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _plateau(opt, _groups, s: Steps):
+    o = s.optim
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode=MONITOR_MODES[o.monitor], factor=o.gamma, patience=max(1, o.step_size // 2))
+    schedulers = [{"scheduler": plateau, "interval": "epoch", "monitor": o.monitor}]
+    if s.warmup:
+        schedulers.insert(0, {"scheduler": torch.optim.lr_scheduler.LinearLR(
+            opt, start_factor=1.0 / s.warmup, total_iters=s.warmup), "interval": "step"})
+    return [opt], schedulers
+
+
+SCHEDULERS = {
+    "none": _per_step(lambda step, s: 1.0),  # reached with warm-up only
+    "cosine": _per_step(_cosine),
+    "step": _per_step(_step),
+    "onecycle": _onecycle,
+    "plateau": _plateau,
+}

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-from pipeline.training.callbacks import EpochRecorder
+from pipeline.training.callbacks import MONITOR_MODES, EpochRecorder
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -35,48 +35,41 @@ def configure_determinism(deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 
-def build_trainer(
-    trainer_params, max_epochs: int, logger=None, checkpoint_dir: Path | None = None, monitor: str = "val_acc",
-    early_stopping_patience: int | None = None, gradient_clip_val: float = 0.0,
-    limit_train_batches: float = 1.0, extra_callbacks: list | None = None, label: str = "",
-    val_every: int = 1, quiet: bool = False,
-) -> tuple[pl.Trainer, EpochRecorder, ModelCheckpoint | None]:
-    """A Trainer plus the callbacks the stages read back (the epoch recorder and the checkpoint callback)."""
-    configure_determinism(trainer_params.deterministic)
-    if quiet:  # sweeps train dozens of models: no "GPU available" banner per training
+def build_trainer(config, checkpoint_dir: Path, logger=None, callbacks: list | None = None,
+                  ) -> tuple[pl.Trainer, EpochRecorder, ModelCheckpoint]:
+    """A Trainer for a FitConfig, plus the callbacks fit reads back (the epoch recorder, the checkpoint)."""
+    tp = config.trainer
+    configure_determinism(tp.deterministic)
+    if config.quiet:  # sweeps train dozens of models: no "GPU available" banner per training
         logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    show_bar = interactive() and not quiet
-    recorder = EpochRecorder(print_lines=not show_bar and not quiet, label=label)
-    callbacks: list[pl.Callback] = [recorder, *(extra_callbacks or [])]
-    mode = "max" if monitor == "val_acc" else "min"
-    checkpoint = None
-    if checkpoint_dir is not None:
-        checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=monitor, mode=mode,
-                                     save_top_k=1, save_last=True, enable_version_counter=False)
-        callbacks.append(checkpoint)
-    if early_stopping_patience:
-        callbacks.append(EarlyStopping(monitor=monitor, mode=mode, patience=early_stopping_patience))
+    show_bar = interactive() and not config.quiet
+    recorder = EpochRecorder(print_lines=not show_bar and not config.quiet, label=config.label)
+    mode = MONITOR_MODES[config.monitor]
+    checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=config.monitor, mode=mode,
+                                 save_top_k=1, save_last=True, enable_version_counter=False)
+    callbacks = [recorder, *(callbacks or []), checkpoint]
+    if config.patience:
+        callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
     if show_bar:
         callbacks.append(RichProgressBar())
-    limit = int(limit_train_batches) if limit_train_batches > 1 else (
-        None if limit_train_batches == 1.0 else limit_train_batches)
+    limit = config.limit_train_batches
+    limit = int(limit) if limit > 1 else (None if limit == 1.0 else limit)
     trainer = pl.Trainer(
-        accelerator=trainer_params.accelerator,
-        devices=trainer_params.devices,
-        num_nodes=trainer_params.num_nodes,
-        strategy=trainer_params.strategy,
-        precision=resolve_precision(trainer_params.precision, trainer_params.accelerator),
-        deterministic=trainer_params.deterministic,
-        max_epochs=max_epochs,
+        accelerator=tp.accelerator,
+        devices=tp.devices,
+        num_nodes=tp.num_nodes,
+        strategy=tp.strategy,
+        precision=resolve_precision(tp.precision, tp.accelerator),
+        deterministic=tp.deterministic,
+        max_epochs=config.epochs,
         logger=logger if logger is not None else False,
         callbacks=callbacks,
-        enable_checkpointing=checkpoint is not None,
         enable_progress_bar=show_bar,
         enable_model_summary=False,
         num_sanity_val_steps=0,
-        gradient_clip_val=gradient_clip_val or None,
+        gradient_clip_val=config.gradient_clip_val or None,
         limit_train_batches=limit,
         log_every_n_steps=1,
-        check_val_every_n_epoch=val_every,
+        check_val_every_n_epoch=config.val_every,
     )
     return trainer, recorder, checkpoint

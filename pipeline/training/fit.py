@@ -1,0 +1,94 @@
+"""`fit`: one training with Lightning. The Trainer comes from params.trainer; side effects are callbacks:
+EpochRecorder (rows per epoch), ModelCheckpoint + RestoreBest (the best weights) and MLflowTracking (the run).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from pipeline.training.callbacks import RestoreBest, RunSpec, best_row
+from pipeline.training.trainer import build_trainer
+
+CHECKPOINT_ROOT = Path(".cache/checkpoints")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a training runs: everything but the model, the data and the tracking."""
+
+    trainer: object  # params.TrainerParams
+    epochs: int
+    monitor: str = "val_acc"  # picks the best checkpoint (and stops early, with patience)
+    patience: int | None = None  # early stopping; None: off
+    gradient_clip_val: float = 0.0
+    limit_train_batches: float = 1.0
+    val_every: int = 1  # validate every n epochs
+    label: str = ""  # prefix of the per-epoch console lines
+    quiet: bool = False  # no per-epoch lines, no layer table (sweeps)
+    keep_checkpoint: bool = False  # keep the run's checkpoint folder (the caller copies and removes it)
+    callbacks: tuple = ()
+
+    @classmethod
+    def from_params(cls, train, trainer, **overrides) -> FitConfig:
+        """From the params.train and params.trainer sections."""
+        stop = train.early_stopping
+        return cls(trainer=trainer, epochs=train.epochs, monitor=train.monitor,
+                   patience=stop.patience if stop.enabled else None, gradient_clip_val=train.gradient_clip_val,
+                   limit_train_batches=train.limit_train_batches, **overrides)
+
+
+@dataclass
+class FitResult:
+    run_id: str | None
+    rows: list[dict[str, float]]
+    best_val_acc: float
+    best_val_loss: float
+    epochs_run: int
+    train_time_s: float
+    best_checkpoint: Path | None
+    counts: dict[str, int] = field(default_factory=dict)
+    model_uri: str | None = None
+
+
+def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: FitConfig,
+        run: RunSpec | None = None) -> FitResult:
+    """Train `module`; with `run` the training is one MLflow run (see callbacks.MLflowTracking). The best checkpoint's
+    weights are in `module` afterwards. Each call checkpoints into its own folder."""
+    CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = Path(tempfile.mkdtemp(prefix="run-", dir=CHECKPOINT_ROOT))
+    tracker = run.callback() if run is not None else None
+    trainer, recorder, checkpoint = build_trainer(
+        config, ckpt_dir, logger=tracker.logger if tracker else None,
+        callbacks=[RestoreBest(), *([tracker] if tracker else []), *config.callbacks])
+    try:
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=datamodule)
+        train_time = time.perf_counter() - start
+    finally:
+        if not config.keep_checkpoint:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    best = best_row(recorder.rows, config.monitor)
+    path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
+    return FitResult(
+        run_id=tracker.run_id if tracker else None, rows=recorder.rows,
+        best_val_acc=float(best.get("val_acc", float("nan"))), best_val_loss=float(best.get("val_loss", float("nan"))),
+        epochs_run=len(recorder.rows), train_time_s=train_time,
+        best_checkpoint=path if config.keep_checkpoint and path and path.exists() else None,
+        counts=tracker.counts if tracker else {}, model_uri=tracker.model_uri if tracker else None,
+    )
+
+
+def seed_all(seed: int) -> None:
+    pl.seed_everything(seed, workers=True, verbose=False)
+
+
+def load_lightning_state(path: Path) -> dict[str, torch.Tensor]:
+    """The module's weights from a Lightning checkpoint this process wrote (full pickle: our own file)."""
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]

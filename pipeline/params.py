@@ -252,6 +252,20 @@ class Params(Section):
 
 
 # ------------------------------------------------------------------------------------------ loading
+def _allowed(loc: tuple) -> list[str]:
+    """The keys the schema allows beside the unknown one at `loc`."""
+    model: Any = Params
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        annotation = model.model_fields[str(part)].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
 def _describe(error: dict[str, Any], source: str) -> str:
     loc = ".".join(str(part) for part in error["loc"] if not str(part).startswith(("function-", "literal[")))
     # Pydantic appends the union member to the location ("devices.int"); the user wrote only the key.
@@ -259,7 +273,7 @@ def _describe(error: dict[str, Any], source: str) -> str:
     kind, ctx, value = error["type"], error.get("ctx", {}), error.get("input")
     got = f"(got {value!r})"
     if kind == "extra_forbidden":
-        return f"{source}: unknown key {loc}"
+        return f"{source}: unknown key {loc} (allowed: {', '.join(_allowed(error['loc']))})"
     if kind == "missing":
         return f"{source}: {loc} is required"
     bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
@@ -321,7 +335,9 @@ def load(path: str | Path = PARAMS_FILE) -> Params:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise PipelineError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if raw is not None and not isinstance(raw, dict):
+    if raw is None:
+        raise PipelineError(f"{path}: empty (expected the sections {', '.join(Params.model_fields)})")
+    if not isinstance(raw, dict):
         raise PipelineError(f"{path}: must be a mapping of sections (got {type(raw).__name__})")
     return parse(raw, source=path.name)
 

@@ -32,73 +32,99 @@ REPORT_DIR = Path("reports/evaluate")
 PREDICTIONS_DIR = Path("plots/evaluate/predictions")
 
 
-def model_files() -> list[Path]:
+FOLDER_STAGE = {"scratch": "train_scratch", "transfer": "transfer_learn"}
+
+
+def load_models() -> list[tuple[Path, object, dict]]:
+    """Every model file, loaded and checked before anything is written: a file must hold its folder's kind."""
     files = [Path("models/scratch/model.pt"), *sorted(Path("models/transfer").glob("*.pt"))]
     found = [f for f in files if f.exists()]
     if not found:
         raise PipelineError("evaluate: no trained models in models/ (run `dvc repro train_scratch` first)")
-    return found
+    models = []
+    for path in found:
+        model, meta = checkpoint.load(path)
+        expected = FOLDER_STAGE[path.parent.name]
+        if meta.get("stage") != expected:
+            raise PipelineError(f"evaluate: {path} holds a {meta.get('stage')} model ({meta.get('name')}), not "
+                                f"one from {expected}; rerun `dvc repro -f {expected}`")
+        models.append((path, model, meta))
+    return models
 
 
-def evaluate_model(path: Path, data: PreparedData, e, accelerator: str) -> tuple[str, dict]:
-    model, meta = checkpoint.load(path)
-    name = meta["name"] if meta["stage"] == "train_scratch" else f"transfer_{meta['strategy']}"
-    class_ids, class_names, size = meta["class_ids"], meta["class_names"], meta["image_size"]
+def measure(path: Path, model, meta: dict, data: PreparedData, e, accelerator: str) -> dict:
+    """Predictions, metrics and speed of one model on the test images of its classes (nothing written)."""
+    class_ids, size = meta["class_ids"], meta["image_size"]
     mask = np.isin(data.y["test"], class_ids)
     x_test, y_test = data.x["test"][mask], remap_labels(data.y["test"][mask], class_ids)
     device = device_for(accelerator)
     probs = predict_proba(model, x_test, size, e.batch_size, device)
-    report = classification_report(y_test, probs, class_names, e.top_k, e.ece_bins)
+    report = classification_report(y_test, probs, meta["class_names"], e.top_k, e.ece_bins)
     shape = (data.channels, size, size)
     speed = latency_ms(model, shape, e.latency_runs, e.warmup_runs, device)
     speed["throughput_images_per_s"] = throughput(model, shape, e.batch_size, device)
     speed["peak_memory_mb"] = peak_memory_mb(model, shape, e.batch_size, device)
     speed["model_file_mb"] = path.stat().st_size / 2**20
+    result = {k: round(v, 6) if isinstance(v, float) else v for k, v in (report | speed).items()
+              if k not in ("confusion", "per_class")}
+    result |= {"device": device.type, "test_images": int(len(y_test)), "mlflow_run_id": meta.get("mlflow_run_id")}
+    return {"result": result, "report": report, "probs": probs, "x": x_test, "y": y_test, "meta": meta}
 
-    out = REPORT_DIR / name
-    cm = report.pop("confusion")
-    per_class = report.pop("per_class")
-    write_csv(out / "per_class.csv", per_class)
-    figures = [
-        plots.confusion_matrix(cm, class_names, out / "confusion.png", f"{name}: confusion (counts)"),
-        plots.confusion_matrix(cm, class_names, out / "confusion_normalized.png", f"{name}: confusion (recall)",
+
+def write_reports(name: str, m: dict, worst: int) -> list[Path]:
+    """The model's per-class CSV, confusion matrices, worst images and predictions CSV (a DVC plot)."""
+    out, names, probs, y = REPORT_DIR / name, m["meta"]["class_names"], m["probs"], m["y"]
+    cm = m["report"]["confusion"]
+    write_csv(out / "per_class.csv", m["report"]["per_class"])
+    files = [
+        plots.confusion_matrix(cm, names, out / "confusion.png", f"{name}: confusion (counts)"),
+        plots.confusion_matrix(cm, names, out / "confusion_normalized.png", f"{name}: confusion (recall)",
                                normalize=True),
     ]
     pred = probs.argmax(1)
-    wrong = np.flatnonzero(pred != y_test)
-    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][: e.worst_images]
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:worst]
     if len(wrong):
-        figures.append(plots.image_grid(
-            [x_test[i] for i in wrong],
-            [f"{class_names[y_test[i]]}->{class_names[pred[i]]} {probs[i, pred[i]]:.2f}" for i in wrong],
+        files.append(plots.image_grid(
+            [m["x"][i] for i in wrong], [f"{names[y[i]]}->{names[pred[i]]} {probs[i, pred[i]]:.2f}" for i in wrong],
             out / "most_confident_errors.png", cols=8, suptitle=f"{name}: most confidently wrong (true->pred)"))
     write_csv(PREDICTIONS_DIR / f"{name}.csv",
-              [{"actual": class_names[t], "predicted": class_names[p]} for t, p in zip(y_test, pred, strict=True)])
+              [{"actual": names[t], "predicted": names[p]} for t, p in zip(y, pred, strict=True)])
+    return [*files, out / "per_class.csv"]
 
-    result = {k: round(v, 6) if isinstance(v, float) else v for k, v in (report | speed).items()}
-    result |= {"device": device.type, "test_images": int(len(y_test)), "mlflow_run_id": meta.get("mlflow_run_id")}
-    run_id = meta.get("mlflow_run_id")
-    if run_id:
-        try:
-            tracking.log_metrics(run_id, {f"test_{k}": v for k, v in result.items()
-                                          if isinstance(v, int | float) and not isinstance(v, bool)})
-            for fig in figures:
-                tracking.log_artifact(run_id, fig, "evaluate")
-            tracking.log_artifact(run_id, out / "per_class.csv", "evaluate")
-        except Exception as exc:  # a run deleted from the store must not lose the evaluation itself
-            print(f"evaluate: could not log to MLflow run {run_id} ({type(exc).__name__})", flush=True)
-    print(f"evaluate: {name}: test acc {result['accuracy']:.4f}, f1_macro {result['f1_macro']:.4f}, "
-          f"ece {result['ece']:.4f}, latency p50 {result['latency_ms_p50']:.2f} ms ({device.type})", flush=True)
-    return name, result
+
+def model_name(meta: dict) -> str:
+    return meta["name"] if meta["stage"] == "train_scratch" else f"transfer_{meta['strategy']}"
 
 
 def run(p: params_mod.Params) -> dict:
-    """Every model file on the test split; writes metrics/evaluate.json and the reports."""
+    """Every model file on the test split: all measured first, then all reports written, then all logged to
+    each model's MLflow run (a run that cannot be written to stops the stage with one line)."""
     data = PreparedData.load()
     tracking.check_store()
-    results = dict(evaluate_model(path, data, p.evaluate, p.trainer.accelerator) for path in model_files())
+    measured = {model_name(meta): measure(path, model, meta, data, p.evaluate, p.trainer.accelerator)
+                for path, model, meta in load_models()}
+    files = {name: write_reports(name, m, p.evaluate.worst_images) for name, m in measured.items()}
+    results = {name: m["result"] for name, m in measured.items()}
     write_json("metrics/evaluate.json", results)
+    for name, result in results.items():
+        print(f"evaluate: {name}: test acc {result['accuracy']:.4f}, f1_macro {result['f1_macro']:.4f}, "
+              f"ece {result['ece']:.4f}, latency p50 {result['latency_ms_p50']:.2f} ms ({result['device']})",
+              flush=True)
+        if result["mlflow_run_id"]:
+            log_to_run(result["mlflow_run_id"], result, files[name])
     return results
+
+
+def log_to_run(run_id: str, result: dict, files: list[Path]) -> None:
+    try:
+        tracking.log_metrics(run_id, {f"test_{k}": v for k, v in result.items()
+                                      if isinstance(v, int | float) and not isinstance(v, bool)})
+        for path in files:
+            tracking.log_artifact(run_id, path, "evaluate")
+    except Exception as exc:
+        raise PipelineError(f"evaluate: the results are written, but MLflow run {run_id} could not take them "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
 
 
 @stage_main

@@ -3,6 +3,7 @@ MLflow run (params, parameter counts and artifacts when fitting starts; curves, 
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from pipeline.errors import PipelineError
 from pipeline.rank import is_rank_zero
 
 CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
@@ -59,6 +61,25 @@ def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
         return {}
     pick = max if MONITOR_MODES[monitor] == "max" else min
     return pick(validated, key=lambda r: r[monitor])
+
+
+class StopOnNonFinite(pl.Callback):
+    """A diverged training stops with one line (which epoch, which metric) instead of publishing a NaN model."""
+
+    def _check(self, trainer, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            value = trainer.callback_metrics.get(key)
+            if value is not None and not math.isfinite(float(value)):
+                lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+                raise PipelineError(f"training diverged: {key} is {float(value)} at epoch {trainer.current_epoch + 1} "
+                                    f"(lr {lr:g}); lower the learning rate or set gradient clipping")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer, ("train_loss",))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer, ("val_loss",))
 
 
 class RestoreBest(pl.Callback):

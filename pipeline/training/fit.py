@@ -5,6 +5,7 @@ EpochRecorder (rows per epoch), ModelCheckpoint + RestoreBest (the best weights)
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from pipeline.training.callbacks import RestoreBest, RunSpec, best_row
+from pipeline.errors import Interrupted, interrupted
+from pipeline.training.callbacks import RestoreBest, RunSpec, StopOnNonFinite, best_row
 from pipeline.training.trainer import build_trainer
 
 CHECKPOINT_ROOT = Path(".cache/checkpoints")
@@ -66,11 +68,16 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: 
     tracker = run.callback() if run is not None else None
     trainer, recorder, checkpoint = build_trainer(
         config, ckpt_dir, logger=tracker.logger if tracker else None,
-        callbacks=[RestoreBest(), *([tracker] if tracker else []), *config.callbacks])
+        callbacks=[StopOnNonFinite(), RestoreBest(), *([tracker] if tracker else []), *config.callbacks])
     try:
         start = time.perf_counter()
         trainer.fit(module, datamodule=datamodule)
         train_time = time.perf_counter() - start
+        if trainer.interrupted:  # Lightning stops quietly on SIGTERM: a stopped training is not a result
+            raise interrupted() or Interrupted(signal.SIGTERM)
+    except SystemExit:
+        # Lightning ends an interrupted fit with exit(0/1) after closing its run (FAILED); say which signal.
+        raise (interrupted() or Interrupted(signal.SIGINT)) from None
     finally:
         if not config.keep_checkpoint:
             shutil.rmtree(ckpt_dir, ignore_errors=True)

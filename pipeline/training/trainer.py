@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
+from pipeline.errors import PipelineError
 from pipeline.training.callbacks import MONITOR_MODES, EpochRecorder
 
 
@@ -39,9 +40,12 @@ def build_trainer(config, checkpoint_dir: Path, logger=None, callbacks: list | N
                   ) -> tuple[pl.Trainer, EpochRecorder, ModelCheckpoint]:
     """A Trainer for a FitConfig, plus the callbacks fit reads back (the epoch recorder, the checkpoint)."""
     tp = config.trainer
+    if tp.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"trainer.accelerator={tp.accelerator}: this machine has no CUDA GPU "
+                            "(use auto, which picks the GPU when there is one, or cpu)")
     configure_determinism(tp.deterministic)
-    if config.quiet:  # sweeps train dozens of models: no "GPU available" banner per training
-        logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    # Lightning's banners ("GPU available: False", tips) say nothing the stage does not say itself.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     show_bar = interactive() and not config.quiet
     recorder = EpochRecorder(print_lines=not show_bar and not config.quiet, label=config.label)
     mode = MONITOR_MODES[config.monitor]

@@ -1,0 +1,142 @@
+"""Nothing lost: a diverged, interrupted or misconfigured stage stops with one line, a non-zero exit, the
+previous outputs in place and no MLflow run left RUNNING."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from tests.conftest import PYTHON, make_repo_copy, run_module
+
+
+@pytest.fixture(scope="module")
+def prepared_repo(tmp_path_factory):
+    """A tiny-profile repo copy with prepare and augment done (tests copy it, never write into it)."""
+    repo = make_repo_copy(tmp_path_factory.mktemp("reliability") / "repo")
+    for stage in ("prepare", "augment"):
+        result = run_module(f"pipeline.stages.{stage}", repo)
+        assert result.returncode == 0, result.stderr
+    return repo
+
+
+@pytest.fixture
+def repo(prepared_repo, tmp_path):
+    copy = tmp_path / "repo"
+    shutil.copytree(prepared_repo, copy)
+    return copy
+
+
+def edit_params(repo, **sections) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section] |= values
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def run_statuses(repo) -> list[str]:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [r.info.status for r in runs if r.info.run_name.startswith("train_scratch")]
+
+
+def test_a_diverged_training_publishes_nothing(repo):
+    (repo / "models/scratch").mkdir(parents=True)
+    (repo / "models/scratch/model.pt").write_bytes(b"the previous good model")
+    edit_params(repo, train={"lr": 10.0, "optimizer": "sgd", "scheduler": "none", "warmup_epochs": 0})
+    result = run_module("pipeline.stages.train_scratch", repo)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.match(r"error: training diverged: (train|val)_loss is nan at epoch 1 \(lr 10\)",
+                                        lines[0]), lines
+    assert (repo / "models/scratch/model.pt").read_bytes() == b"the previous good model"
+    assert not (repo / "metrics/train_scratch.json").exists()
+    assert run_statuses(repo) == ["FAILED"]
+
+
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_stage_with_its_exit_code_and_keeps_the_outputs(repo, signum, code):
+    (repo / "models/scratch").mkdir(parents=True)
+    (repo / "models/scratch/model.pt").write_bytes(b"the previous good model")
+    edit_params(repo, train={"epochs": 200, "early_stopping": {"enabled": False, "patience": 5}})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
+    proc = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:  # training has started once the first epoch is reported
+        if line.startswith("epoch 1/"):
+            break
+    proc.send_signal(signum)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == code, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == (f"interrupted by {signal.Signals(signum).name}; previous outputs "
+                                               "are kept")
+    assert (repo / "models/scratch/model.pt").read_bytes() == b"the previous good model"
+    assert not (repo / "metrics/train_scratch.json").exists()
+    time.sleep(0.5)
+    assert run_statuses(repo) and "RUNNING" not in run_statuses(repo)
+
+
+def test_a_gpu_accelerator_without_a_gpu_is_one_line(repo):
+    edit_params(repo, trainer={"accelerator": "gpu"})
+    result = run_module("pipeline.stages.train_scratch", repo)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: trainer.accelerator=gpu: this machine has no CUDA GPU (use auto, "
+                                     "which picks the GPU when there is one, or cpu)")
+
+
+def test_empty_params_file_is_an_error(repo):
+    (repo / "params.yaml").write_text("# nothing here\n")
+    result = run_module("pipeline.stages.train_scratch", repo)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: params.yaml: empty (expected the sections seed, data, augment, model, "
+                                     "train, transfer, evaluate, compare, explain, trainer, mlflow)")
+
+
+def test_a_model_file_in_the_wrong_folder_is_named(repo):
+    from pipeline.models import checkpoint
+    from pipeline.models.classifier import Classifier
+    from pipeline.models.cnn import CNN, PRESETS
+
+    model = Classifier(CNN(PRESETS["seed_mnist"], 1, 28, 10), [0.1], [0.3], 1)
+    meta = {"stage": "transfer_learn", "name": "fine_tuning_x", "strategy": "fine_tuning", "class_names": list("0123456789"),
+            "class_ids": list(range(10)), "image_size": 28}
+    checkpoint.save(repo / "models/scratch/model.pt", model, checkpoint.cnn_arch(PRESETS["seed_mnist"], 1, 28, 10), meta)
+    result = run_module("pipeline.stages.evaluate", repo)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: evaluate: models/scratch/model.pt holds a transfer_learn model "
+                                     "(fine_tuning_x), not one from train_scratch; rerun `dvc repro -f train_scratch`")
+    assert not (repo / "metrics/evaluate.json").exists()
+
+
+def test_metrics_never_hold_a_bare_nan(tmp_path):
+    import json
+
+    from pipeline.atomic import write_json
+
+    write_json(tmp_path / "m.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 0.5})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": None, "b": [1.0, None], "c": 0.5}
+
+
+def test_unknown_key_lists_the_allowed_ones():
+    from pipeline.errors import PipelineError
+    from pipeline.params import parse
+
+    with pytest.raises(PipelineError) as err:
+        parse({"train": {"lrr": 0.1}})
+    assert str(err.value).startswith("params.yaml: unknown key train.lrr (allowed: epochs, batch_size, optimizer, lr,")
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__]))

@@ -58,6 +58,18 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_set() -> Iterator[Any]:
+    """Stage several outputs, `stage(path)` for a file or `stage(path, folder=True)`, each a temporary path to
+    write to: they all replace their targets when the block succeeds (one burst of renames), none when it fails,
+    so a stage publishes its outputs as a set."""
+    with contextlib.ExitStack() as stack:
+        def stage(path: str | Path, folder: bool = False) -> Path:
+            return stack.enter_context(atomic_dir(path) if folder else atomic_path(path))
+
+        yield stage
+
+
 def _finite(value: Any) -> Any:
     """NaN and infinity become null: JSON has no such numbers (and DVC cannot read a bare NaN)."""
     if isinstance(value, float) and not math.isfinite(value):

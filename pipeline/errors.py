@@ -12,6 +12,8 @@ from typing import TypeVar
 # Library deprecation chatter that users cannot act on.
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+# A resumable training's checkpoint folder holds its MLflow run id besides the checkpoints: expected, not odd.
+warnings.filterwarnings("ignore", message=".*exists and is not empty.*")
 
 EXIT_USER_ERROR = 2
 

@@ -7,6 +7,7 @@ The default store is a SQLite file `mlflow.db` at the repository root with artif
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import tempfile
@@ -23,11 +24,27 @@ from pipeline.rank import is_rank_zero
 
 MODEL_ARTIFACT = "model"
 
+# A new store announces its tables (MLflow and alembic INFO lines on stderr); the stages say what matters.
+for _name in ("mlflow.store.db.utils", "alembic"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+def store_root(cwd: Path | None = None) -> Path:
+    """The repository whose mlflow.db is the user's store: the working directory, or, inside the temporary
+    workspace of a queued or --temp DVC experiment (<repo>/.dvc/tmp/exps/...), the repository that started it
+    (DVC deletes the temporary copy, and any store in it, when the experiment ends)."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
 
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the project's SQLite file (set explicitly: Lightning's ./mlruns
     fallback is refused by MLflow 3)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(Path.cwd() / 'mlflow.db').as_posix()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(store_root() / 'mlflow.db').as_posix()}"
 
 
 def _artifact_location() -> str | None:
@@ -51,12 +68,37 @@ def check_store(uri: str | None = None) -> str:
         except requests.RequestException as exc:
             raise PipelineError(f"MLflow tracking server {uri} cannot be reached ({type(exc).__name__}); "
                                 "start it or unset MLFLOW_TRACKING_URI") from None
+        _check_credentials(uri)
     elif uri.startswith("sqlite:///"):
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise PipelineError(f"MLflow store {uri}: folder {folder} is missing or not writable")
+    if not uri.startswith(("http://", "https://")):
+        from mlflow import MlflowClient
+
+        try:  # a database URI without its driver, an unreadable file, ...: one line, before any training
+            MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as exc:
+            detail = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise PipelineError(f"MLflow store {uri} is not usable ({type(exc).__name__}: {detail}); "
+                                "fix MLFLOW_TRACKING_URI or unset it for the project's mlflow.db") from None
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def _check_credentials(uri: str) -> None:
+    """A server behind MLflow's basic-auth app: the stage's credentials (MLFLOW_TRACKING_USERNAME and
+    MLFLOW_TRACKING_PASSWORD, never params.yaml) must be accepted before any training starts."""
+    import requests
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+    response = requests.get(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search", params={"max_results": 1},
+                            auth=auth, timeout=10)
+    if response.status_code in (401, 403):
+        who = f"user {user!r}" if user else "a request without credentials"
+        raise PipelineError(f"MLflow tracking server {uri} refused {who} ({response.status_code}); set "
+                            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of the server")
 
 
 def ensure_experiment(name: str) -> str:
@@ -65,12 +107,24 @@ def ensure_experiment(name: str) -> str:
 
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        _check_artifact_location(exp)
         return exp.experiment_id
     try:
         return mlflow.create_experiment(name, artifact_location=_artifact_location())
     except mlflow.exceptions.MlflowException:
         # Created meanwhile by a concurrent stage.
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _check_artifact_location(exp) -> None:
+    """A local store keeps its artifacts beside its database. MLflow fixes that folder, as an absolute path,
+    when the experiment is created: in a copied or moved repository it would still point into the old tree."""
+    expected = _artifact_location()
+    if expected and exp.artifact_location.startswith("file:") and exp.artifact_location != expected:
+        raise PipelineError(
+            f"MLflow store {tracking_uri()}: experiment {exp.name!r} writes its artifacts to "
+            f"{exp.artifact_location}, not {expected} (the store was copied or moved); rename the experiment "
+            "(mlflow.experiment in params.yaml) or move mlflow.db back")
 
 
 def _git(*args: str) -> str:

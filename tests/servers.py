@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -25,13 +26,23 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def mlflow_server(backend_uri: str, artifacts: Path) -> Iterator[str]:
-    """`mlflow server --workers 1` on 127.0.0.1 (the default four workers take 1.3 GB); stopped by PID."""
+def mlflow_server(backend_uri: str, artifacts: Path, admin_password: str | None = None) -> Iterator[str]:
+    """`mlflow server --workers 1` on 127.0.0.1 (the default four workers take 1.3 GB); stopped by PID.
+    With `admin_password`: MLflow's basic-auth app, its user database beside the artifacts."""
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
            "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    env = dict(os.environ)
+    if admin_password:
+        config = artifacts.parent / "basic_auth.ini"
+        config.write_text("[mlflow]\ndefault_permission = READ\n"
+                          f"database_uri = sqlite:///{artifacts.parent / 'auth.db'}\nadmin_username = admin\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        cmd += ["--app-name", "basic-auth"]
+        env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
     log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120

@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +111,43 @@ def test_compare_has_one_parent_run_with_nested_runs(repro):
     assert trained["compare/resnet18"].data.metrics["params_total"] == 11_689_512  # counted only
     compare = json.loads((repo / "metrics/compare.json").read_text())
     assert compare["mlflow_parent_run_id"] == parents[0].info.run_id
+
+
+def snapshot(repo: Path) -> dict[str, bytes]:
+    return {p: (repo / p).read_bytes() for p in ("models/scratch/model.pt", "metrics/train_scratch.json",
+                                                 "plots/train_scratch.csv", "plots/train_scratch/learning_curves.png")}
+
+
+@pytest.mark.slow
+def test_a_failed_stage_keeps_the_last_good_outputs(repro, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repro[0], repo, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    before = snapshot(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["lr"] = -0.1
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = dvc(repo, "repro", "train_scratch")
+    assert result.returncode != 0
+    assert "error: params.yaml: train.lr must be > 0.0 (got -0.1)" in result.stderr + result.stdout
+    assert snapshot(repo) == before
+
+
+@pytest.mark.slow
+def test_a_killed_repro_keeps_the_last_good_outputs(repro, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(repro[0], repo, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    before = snapshot(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"] |= {"epochs": 200, "early_stopping": {"enabled": False, "patience": 5}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CI": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.Popen(["dvc", "repro", "train_scratch"], cwd=repo, env=env, text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    for line in proc.stdout:
+        if line.startswith("epoch 1/"):
+            break
+    assert proc.poll() is None, "the stage ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage, as a closed laptop lid or an OOM killer would
+    proc.wait(timeout=60)
+    assert snapshot(repo) == before

@@ -3,6 +3,7 @@ previous outputs in place and no MLflow run left RUNNING."""
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -30,8 +31,8 @@ def prepared_repo(tmp_path_factory):
 @pytest.fixture
 def repo(prepared_repo, tmp_path):
     copy = tmp_path / "repo"
-    shutil.copytree(prepared_repo, copy)
-    return copy
+    shutil.copytree(prepared_repo, copy, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    return copy  # with a store of its own: a copied store refuses to write into the original tree
 
 
 def edit_params(repo, **sections) -> None:
@@ -140,3 +141,90 @@ def test_unknown_key_lists_the_allowed_ones():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+@pytest.mark.parametrize("uri,detail", [
+    ("mysql://user@127.0.0.1:9/mlflow", "ModuleNotFoundError: No module named 'MySQLdb'"),
+    ("file:///tmp/mlruns", "MlflowException: The filesystem tracking backend"),
+])
+def test_an_unusable_tracking_store_is_one_line(uri, detail):
+    from pipeline import tracking
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError) as err:
+        tracking.check_store(uri)
+    message = str(err.value)
+    assert message.startswith(f"MLflow store {uri} is not usable ({detail}") and "\n" not in message
+
+
+def test_a_decompression_bomb_is_skipped_or_named(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from pipeline.data.sources import load_folder
+    from pipeline.errors import PipelineError
+    from tests.conftest import write_image
+
+    for i in range(3):
+        write_image(tmp_path / "raw" / "a" / f"{i}.png", "L", (8, 8), i)
+    write_image(tmp_path / "raw" / "a" / "bomb.png", "L", (100, 100), 9)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL refuses images over twice this: 100x100 is one
+    raw = load_folder(tmp_path / "raw", 8, 1, "skip")
+    assert raw.skipped == [(tmp_path / "raw" / "a" / "bomb.png").as_posix()] and len(raw.labels) == 3
+    with pytest.raises(PipelineError, match=r"corrupt image .*bomb.png: Image size \(10000 pixels\) exceeds"):
+        load_folder(tmp_path / "raw", 8, 1, "fail")
+
+
+def test_outputs_are_published_as_a_set(tmp_path):
+    from pipeline.atomic import atomic_set, write_json
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "model.pt").write_text("old model")
+    write_json(tmp_path / "metrics.json", {"acc": 0.5})
+    with pytest.raises(RuntimeError), atomic_set() as stage:
+        (stage(tmp_path / "models", folder=True) / "model.pt").write_text("new model")
+        write_json(stage(tmp_path / "metrics.json"), {"acc": 0.9})
+        raise RuntimeError("killed before the set was complete")
+    assert (tmp_path / "models" / "model.pt").read_text() == "old model"
+    assert (tmp_path / "metrics.json").read_text().split() == ["{", '"acc":', "0.5", "}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "models"]  # no temporary left over
+    with atomic_set() as stage:
+        (stage(tmp_path / "models", folder=True) / "model.pt").write_text("new model")
+        write_json(stage(tmp_path / "metrics.json"), {"acc": 0.9})
+    assert (tmp_path / "models" / "model.pt").read_text() == "new model"
+    assert '"acc": 0.9' in (tmp_path / "metrics.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "models"]
+
+
+def test_a_killed_training_resumes_from_its_last_epoch(repo):
+    import json
+
+    from mlflow import MlflowClient
+
+    edit_params(repo, train={"epochs": 4, "early_stopping": {"enabled": False, "patience": 5}})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
+    proc = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in proc.stdout:
+        if line.startswith("epoch 2/4"):
+            break
+    proc.kill()  # kill -9: no handler runs
+    proc.wait(timeout=60)
+    folders = list((repo / ".cache/checkpoints").glob("resume-train_scratch-*"))
+    assert len(folders) == 1 and (folders[0] / "last.ckpt").exists()
+    killed_run = (folders[0] / "mlflow_run_id").read_text()
+    result = run_module("pipeline.stages.train_scratch", repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"resuming after epoch [123] from .*last.ckpt \(MLflow run " + killed_run, result.stdout)
+    metrics = json.loads((repo / "metrics/train_scratch.json").read_text())
+    assert metrics["epochs_run"] == 4 and metrics["mlflow_run_id"] == killed_run
+    assert [int(r["epoch"]) for r in csv.DictReader(open(repo / "plots/train_scratch.csv"))] == [1, 2, 3, 4]
+    assert MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(killed_run).info.status == "FINISHED"
+    assert not folders[0].exists()  # published: the resume folder is gone
+    # Other params start over, and say so.
+    edit_params(repo, train={"epochs": 3})
+    (folders[0]).mkdir(parents=True)
+    (folders[0] / "last.ckpt").write_bytes(b"a stale checkpoint of other params")
+    result = run_module("pipeline.stages.train_scratch", repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "train_scratch: an interrupted training with other params or data exists; this one starts over" in result.stdout
+    assert json.loads((repo / "metrics/train_scratch.json").read_text())["epochs_run"] == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,32 @@ def test_tracking_server_with_postgresql(prepared_repo, tmp_path):
 
 
 @pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="Debian's chromium and chromium-driver absent")
+def test_tracking_server_with_basic_auth(prepared_repo, tmp_path):
+    """MLflow's basic-auth app: anonymous requests are refused, a stage with credentials logs its run, a stage
+    with a wrong password stops before training with one line."""
+    import requests
+
+    password = secrets.token_urlsafe(18)
+    with mlflow_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "artifacts", admin_password=password) as url:
+        anonymous = requests.get(f"{url}/api/2.0/mlflow/experiments/search", params={"max_results": 1}, timeout=10)
+        assert anonymous.status_code == 401
+        repo = tmp_path / "repo"
+        shutil.copytree(prepared_repo, repo)
+        good = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
+        result = run_module("pipeline.stages.train_scratch", repo, env=good)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        run_id = json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
+        run = requests.get(f"{url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, auth=("admin", password),
+                           timeout=10).json()["run"]
+        assert run["info"]["status"] == "FINISHED"
+        bad = good | {"MLFLOW_TRACKING_PASSWORD": "not-the-password"}
+        result = run_module("pipeline.stages.train_scratch", repo, env=bad)
+        assert result.returncode == 2
+        assert result.stderr.strip() == (f"error: MLflow tracking server {url} refused user 'admin' (401); set "
+                                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of "
+                                         "the server")
+
+
 def test_mlflow_ui_shows_the_run_in_a_real_browser(prepared_repo, tmp_path):
     from mlflow import MlflowClient
     from selenium import webdriver
@@ -162,6 +189,23 @@ def test_dvc_experiments_link_to_mlflow_runs(tmp_path):
         run = client.get_run(metrics["mlflow_run_id"])  # DVC metrics -> MLflow run
         assert run.data.tags["dvc_experiment"] == name  # MLflow run -> DVC experiment
         assert run.data.params["train.lr"] == str(lr)
+    # A --temp experiment runs in a temporary copy under .dvc/tmp/exps/ that DVC deletes afterwards (queued
+    # ones too): its run must land in the repository's own store all the same.
+    dvc(repo, "exp", "run", "--temp", "train_scratch", "-n", "lr-temp", "-S", "train.epochs=1", "-S", "train.lr=0.002")
+    temp_runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                   "tags.dvc_experiment = 'lr-temp'")
+    assert len(temp_runs) == 1 and temp_runs[0].data.params["train.lr"] == "0.002"
+    assert temp_runs[0].info.status == "FINISHED"
+    # DVC's own way to run a grid of variants: queue them, then run the queue (celery workers, temp copies).
+    dvc(repo, "exp", "run", "--queue", "train_scratch", "-n", "lr-queued", "-S", "train.epochs=1",
+        "-S", "train.lr=0.003")
+    dvc(repo, "exp", "run", "--run-all")
+    subprocess.run(["dvc", "queue", "stop"], cwd=repo, capture_output=True, timeout=120,
+                   env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
+    queued_runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                     "tags.dvc_experiment = 'lr-queued'")
+    assert len(queued_runs) == 1 and queued_runs[0].data.params["train.lr"] == "0.003"
+    assert not list((repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
     params_diff = dvc(repo, "params", "diff", "lr-low", "lr-high").stdout
     assert "train.lr" in params_diff and "0.0005" in params_diff and "0.01" in params_diff
     metrics_diff = dvc(repo, "metrics", "diff", "lr-low", "lr-high").stdout

@@ -288,7 +288,7 @@ def load_folder(root: Path, size: int, channels: int, on_corrupt: str) -> RawIma
                 with Image.open(path) as img:
                     img.load()
                     arr = to_uint8_image(img, size, channels)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as exc:
                 if on_corrupt == "fail":
                     raise PipelineError(f"corrupt image {path.as_posix()}: {exc} "
                                         "(set data.on_corrupt: skip to leave it out)") from None

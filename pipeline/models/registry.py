@@ -136,7 +136,7 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in [
         base=_googlenet_base, aux_logits=False, init_weights=True),
     _tv("inception_v3", "InceptionV3", 2015, "factorized Inception modules (1xn + nx1), 299x299 input", None,
         base=_inception_v3_base, min_size=75, size=299, aux_logits=False, init_weights=True,
-        note="without the auxiliary classifier (27,161,264 with it); Keras' InceptionV3 has 23,851,784"),
+        note="counted without the auxiliary classifier, 27,161,264 with it; Keras' InceptionV3: 23,851,784"),
     _tv("resnet18", "ResNet18", 2015, "residual (skip) connections, 18 layers", None, base=_resnet_base),
     _tv("resnet50", "ResNet50", 2015, "residual (skip) connections make 50+ layers trainable", "25M",
         base=_resnet_base),

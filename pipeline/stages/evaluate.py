@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline import params as params_mod
 from pipeline import plots, tracking
-from pipeline.atomic import write_csv, write_json
+from pipeline.atomic import atomic_set, write_csv, write_json
 from pipeline.data.fewshot import remap_labels
 from pipeline.data.prepared import PreparedData
 from pipeline.errors import PipelineError, stage_main
@@ -71,9 +71,10 @@ def measure(path: Path, model, meta: dict, data: PreparedData, e, accelerator: s
     return {"result": result, "report": report, "probs": probs, "x": x_test, "y": y_test, "meta": meta}
 
 
-def write_reports(name: str, m: dict, worst: int) -> list[Path]:
-    """The model's per-class CSV, confusion matrices, worst images and predictions CSV (a DVC plot)."""
-    out, names, probs, y = REPORT_DIR / name, m["meta"]["class_names"], m["probs"], m["y"]
+def write_reports(name: str, m: dict, worst: int, stage) -> list[Path]:
+    """The model's per-class CSV, confusion matrices, worst images and predictions CSV (a DVC plot), staged
+    in an atomic set; returns the staged report files."""
+    out, names, probs, y = stage(REPORT_DIR / name, folder=True), m["meta"]["class_names"], m["probs"], m["y"]
     cm = m["report"]["confusion"]
     write_csv(out / "per_class.csv", m["report"]["per_class"])
     files = [
@@ -88,7 +89,7 @@ def write_reports(name: str, m: dict, worst: int) -> list[Path]:
         files.append(plots.image_grid(
             [m["x"][i] for i in wrong], [f"{names[y[i]]}->{names[pred[i]]} {probs[i, pred[i]]:.2f}" for i in wrong],
             out / "most_confident_errors.png", cols=8, suptitle=f"{name}: most confidently wrong (true->pred)"))
-    write_csv(PREDICTIONS_DIR / f"{name}.csv",
+    write_csv(stage(PREDICTIONS_DIR / f"{name}.csv"),
               [{"actual": names[t], "predicted": names[p]} for t, p in zip(y, pred, strict=True)])
     return [*files, out / "per_class.csv"]
 
@@ -104,9 +105,11 @@ def run(p: params_mod.Params) -> dict:
     tracking.check_store()
     measured = {model_name(meta): measure(path, model, meta, data, p.evaluate, p.trainer.accelerator)
                 for path, model, meta in load_models()}
-    files = {name: write_reports(name, m, p.evaluate.worst_images) for name, m in measured.items()}
     results = {name: m["result"] for name, m in measured.items()}
-    write_json("metrics/evaluate.json", results)
+    with atomic_set() as stage:  # every model's reports and the metrics, or none of them
+        staged = {name: write_reports(name, m, p.evaluate.worst_images, stage) for name, m in measured.items()}
+        write_json(stage("metrics/evaluate.json"), results)
+    files = {name: [REPORT_DIR / name / f.name for f in fs] for name, fs in staged.items()}
     for name, result in results.items():
         print(f"evaluate: {name}: test acc {result['accuracy']:.4f}, f1_macro {result['f1_macro']:.4f}, "
               f"ece {result['ece']:.4f}, latency p50 {result['latency_ms_p50']:.2f} ms ({result['device']})",

@@ -7,6 +7,8 @@ plots/train_scratch.csv and the learning-curve PNG; logs all of it, and the mode
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import numpy as np
 
 from pipeline import params as params_mod
 from pipeline import plots, tracking
-from pipeline.atomic import atomic_dir, write_csv, write_json
+from pipeline.atomic import atomic_set, write_csv, write_json
 from pipeline.data import augment as aug
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import PreparedData
@@ -63,7 +65,10 @@ def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
     run_spec = RunSpec(p.mlflow.experiment, f"train_scratch/{spec.name}",
                        tracking.run_tags("train_scratch", spec.name, data.data_hash), logged,
                        (data.channels, data.image_size, data.image_size), artifacts=aug.artifacts())
-    config = FitConfig.from_params(t, p.trainer, keep_checkpoint=True, callbacks=tuple(extra_callbacks or ()))
+    # Same params and data: a killed training resumes from its last epoch (see FitConfig.resume_key).
+    key = hashlib.sha256(json.dumps([logged, data.data_hash], sort_keys=True, default=str).encode()).hexdigest()
+    config = FitConfig.from_params(t, p.trainer, keep_checkpoint=True, callbacks=tuple(extra_callbacks or ()),
+                                   resume_key=f"train_scratch-{key[:12]}")
     result = fit(ClassifierModule(model, data.num_classes, OptimConfig.from_params(t)), datamodule, config,
                  run_spec)
     if not is_rank_zero():
@@ -72,19 +77,11 @@ def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
 
 
 def write_outputs(model: Classifier, spec, data: PreparedData, result: FitResult) -> dict:
+    """The model folder, curves and metrics, published as one set."""
     arch = checkpoint.cnn_arch(spec, data.channels, data.image_size, data.num_classes)
     meta = {"stage": "train_scratch", "name": spec.name, "class_names": data.class_names,
             "class_ids": list(range(data.num_classes)), "image_size": data.image_size,
             "mlflow_run_id": result.run_id, "model_uri": result.model_uri}
-    with atomic_dir(MODEL_DIR) as tmp:
-        checkpoint.save(tmp / "model.pt", model, arch, meta)
-        if result.best_checkpoint is not None:
-            shutil.copy2(result.best_checkpoint, tmp / "best.ckpt")
-    if result.best_checkpoint is not None:
-        shutil.rmtree(result.best_checkpoint.parent, ignore_errors=True)
-    write_csv("plots/train_scratch.csv", result.rows)
-    plots.learning_curves(result.rows, Path("plots/train_scratch/learning_curves.png"),
-                          f"train_scratch/{spec.name}: learning curves")
     final = result.rows[-1] if result.rows else {}
     metrics = {
         "model": spec.name, "best_val_acc": round(result.best_val_acc, 6),
@@ -93,7 +90,17 @@ def write_outputs(model: Classifier, spec, data: PreparedData, result: FitResult
         "train_time_s": round(result.train_time_s, 2), "params_total": result.counts.get("total"),
         "params_trainable": result.counts.get("trainable"), "mlflow_run_id": result.run_id,
     }
-    write_json("metrics/train_scratch.json", metrics)
+    with atomic_set() as stage:
+        models = stage(MODEL_DIR, folder=True)
+        checkpoint.save(models / "model.pt", model, arch, meta)
+        if result.best_checkpoint is not None:
+            shutil.copy2(result.best_checkpoint, models / "best.ckpt")
+        write_csv(stage("plots/train_scratch.csv"), result.rows)
+        plots.learning_curves(result.rows, stage("plots/train_scratch/learning_curves.png"),
+                              f"train_scratch/{spec.name}: learning curves")
+        write_json(stage("metrics/train_scratch.json"), metrics)
+    if result.best_checkpoint is not None:
+        shutil.rmtree(result.best_checkpoint.parent, ignore_errors=True)
     print(f"train_scratch: best val_acc {result.best_val_acc:.4f} after {result.epochs_run} epochs "
           f"({result.train_time_s:.1f}s); MLflow run {result.run_id}", flush=True)
     return metrics

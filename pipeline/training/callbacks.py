@@ -33,6 +33,13 @@ class EpochRecorder(pl.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._start = time.perf_counter()
 
+    # The rows travel in Lightning's checkpoints, so a resumed training keeps the epochs before the kill.
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking:
             return
@@ -110,20 +117,21 @@ class RunSpec:
     parent_id: str | None = None
     quiet: bool = False  # no layer table on the console
 
-    def callback(self) -> MLflowTracking:
-        return MLflowTracking(self)
+    def callback(self, run_id: str | None = None) -> MLflowTracking:
+        """The tracking callback: a new run, or `run_id` continued (a resumed training)."""
+        return MLflowTracking(self, run_id)
 
 
 class MLflowTracking(pl.Callback):
     """The run of one training; only rank zero writes to it. A failed or interrupted fit ends it FAILED
     (Lightning finalizes its logger so)."""
 
-    def __init__(self, spec: RunSpec) -> None:
+    def __init__(self, spec: RunSpec, run_id: str | None = None) -> None:
         from pipeline import tracking
 
         self.spec = spec
         tags = spec.tags | ({"mlflow.parentRunId": spec.parent_id} if spec.parent_id else {})
-        self.logger = tracking.make_logger(spec.experiment, spec.name, tags)
+        self.logger = tracking.make_logger(spec.experiment, spec.name, tags, run_id=run_id)
         self.run_id: str | None = None
         self.counts: dict[str, int] = {}
         self.model_uri: str | None = None

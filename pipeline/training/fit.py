@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 
 from pipeline.errors import Interrupted, interrupted
+from pipeline.rank import is_rank_zero
 from pipeline.training.callbacks import RestoreBest, RunSpec, StopOnNonFinite, best_row
 from pipeline.training.trainer import build_trainer
 
@@ -35,6 +36,7 @@ class FitConfig:
     label: str = ""  # prefix of the per-epoch console lines
     quiet: bool = False  # no per-epoch lines, no layer table (sweeps)
     keep_checkpoint: bool = False  # keep the run's checkpoint folder (the caller copies and removes it)
+    resume_key: str | None = None  # trainings with a key resume from their last checkpoint after a kill
     callbacks: tuple = ()
 
     @classmethod
@@ -59,28 +61,54 @@ class FitResult:
     model_uri: str | None = None
 
 
+def checkpoint_folder(key: str | None) -> tuple[Path, Path | None, str | None]:
+    """Each training checkpoints into its own folder. A keyed one (same stage, params and data) finds the
+    folder a killed run left behind: its last checkpoint and its MLflow run id, to resume from."""
+    CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)
+    if key is None:
+        return Path(tempfile.mkdtemp(prefix="run-", dir=CHECKPOINT_ROOT)), None, None
+    folder = CHECKPOINT_ROOT / f"resume-{key}"
+    if (folder / "last.ckpt").exists():
+        run_file = folder / "mlflow_run_id"
+        return folder, folder / "last.ckpt", run_file.read_text().strip() if run_file.exists() else None
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    stage = key.rsplit("-", 1)[0]
+    if any(p != folder for p in CHECKPOINT_ROOT.glob(f"resume-{stage}-*")):
+        print(f"{stage}: an interrupted training with other params or data exists; this one starts over", flush=True)
+    return folder, None, None
+
+
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: FitConfig,
         run: RunSpec | None = None) -> FitResult:
-    """Train `module`; with `run` the training is one MLflow run (see callbacks.MLflowTracking). The best checkpoint's
-    weights are in `module` afterwards. Each call checkpoints into its own folder."""
-    CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = Path(tempfile.mkdtemp(prefix="run-", dir=CHECKPOINT_ROOT))
-    tracker = run.callback() if run is not None else None
+    """Train `module`; with `run` the training is one MLflow run (see callbacks.MLflowTracking). The best
+    checkpoint's weights are in `module` afterwards. A keyed training killed midway resumes on the next call."""
+    ckpt_dir, resume_from, run_id = checkpoint_folder(config.resume_key)
+    if resume_from is not None:
+        epoch = torch.load(resume_from, map_location="cpu", weights_only=False)["epoch"] + 1  # 1-based, done
+        print(f"{config.label or 'fit: '}resuming after epoch {epoch} from {resume_from} (MLflow run {run_id} "
+              "continues)", flush=True)
+    tracker = run.callback(run_id) if run is not None else None
+    if tracker is not None and config.resume_key and is_rank_zero():
+        (ckpt_dir / "mlflow_run_id").write_text(tracker.logger.run_id)
     trainer, recorder, checkpoint = build_trainer(
         config, ckpt_dir, logger=tracker.logger if tracker else None,
         callbacks=[StopOnNonFinite(), RestoreBest(), *([tracker] if tracker else []), *config.callbacks])
     try:
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         train_time = time.perf_counter() - start
         if trainer.interrupted:  # Lightning stops quietly on SIGTERM: a stopped training is not a result
             raise interrupted() or Interrupted(signal.SIGTERM)
     except SystemExit:
         # Lightning ends an interrupted fit with exit(0/1) after closing its run (FAILED); say which signal.
         raise (interrupted() or Interrupted(signal.SIGINT)) from None
-    finally:
-        if not config.keep_checkpoint:
+    except BaseException:
+        if not config.resume_key:  # a keyed training keeps its folder to resume from
             shutil.rmtree(ckpt_dir, ignore_errors=True)
+        raise
+    if not config.keep_checkpoint:
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     best = best_row(recorder.rows, config.monitor)
     path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
     return FitResult(

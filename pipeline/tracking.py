@@ -73,6 +73,7 @@ def check_store(uri: str | None = None) -> str:
         folder = Path(uri[len("sqlite:///"):]).parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise PipelineError(f"MLflow store {uri}: folder {folder} is missing or not writable")
+        _check_sqlite_writable(uri, Path(uri[len("sqlite:///"):]))
     if not uri.startswith(("http://", "https://")):
         from mlflow import MlflowClient
 
@@ -84,6 +85,23 @@ def check_store(uri: str | None = None) -> str:
                                 "fix MLFLOW_TRACKING_URI or unset it for the project's mlflow.db") from None
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def _check_sqlite_writable(uri: str, path: Path) -> None:
+    """A write the store will need, tried and rolled back before any training (a read-only file, a full disk)."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(path, timeout=30, isolation_level=None)
+        try:
+            con.execute("BEGIN")
+            con.execute("CREATE TABLE _cnn_pipeline_write_probe (x)")
+            con.execute("ROLLBACK")
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise PipelineError(f"MLflow store {uri}: the database cannot be written ({exc}); make {path} writable "
+                            "or set MLFLOW_TRACKING_URI to another store") from None
 
 
 def _check_credentials(uri: str) -> None:

@@ -38,3 +38,19 @@ def test_granularity_an_evaluation_edit_does_not_rerun_training():
     assert "pipeline/stages/evaluate.py" not in stages["train_scratch"]["deps"]
     assert "pipeline/data/sources.py" in stages["prepare"]["deps"]
     assert not any(d.startswith("pipeline/training") for d in stages["prepare"]["deps"])
+
+
+def test_outputs_are_read_from_dvc_yaml():
+    import os
+
+    from pipeline.deps import outputs
+
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        assert [str(p) for p in outputs("train_scratch")] == [
+            "models/scratch", "plots/train_scratch.csv", "plots/train_scratch/learning_curves.png",
+            "metrics/train_scratch.json"]
+        assert outputs("no_such_stage") == []
+    finally:
+        os.chdir(cwd)

@@ -228,3 +228,65 @@ def test_a_killed_training_resumes_from_its_last_epoch(repo):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train_scratch: an interrupted training with other params or data exists; this one starts over" in result.stdout
     assert json.loads((repo / "metrics/train_scratch.json").read_text())["epochs_run"] == 3
+
+
+def test_two_trainings_at_once_each_publish_their_own_weights(repo):
+    import json
+
+    import torch
+    from mlflow import MlflowClient
+
+    from pipeline.models import checkpoint
+
+    edit_params(repo, train={"epochs": 80, "early_stopping": {"enabled": False, "patience": 5}})
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
+    long = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in long.stdout:
+        if line.startswith("epoch 1/80"):
+            break
+    edit_params(repo, train={"epochs": 1, "lr": 0.003})  # a short run with other params, started later
+    short = run_module("pipeline.stages.train_scratch", repo)
+    assert short.returncode == 0, short.stderr[-2000:]
+    assert long.poll() is None, "the long training ended before the short one: nothing ran at the same time"
+    short_run = json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
+    assert long.wait(timeout=600) == 0
+    long_run = json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
+    assert long_run != short_run
+    model, meta = checkpoint.load(repo / "models/scratch/model.pt")
+    assert meta["mlflow_run_id"] == long_run
+    # The published weights are the long run's own best checkpoint, as logged to its MLflow run.
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    logged = client.download_artifacts(long_run, "checkpoints/best.ckpt", str(repo))
+    state = torch.load(logged, map_location="cpu", weights_only=False)["state_dict"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[f"model.{key}"]), key
+    assert client.get_run(long_run).data.params["train.epochs"] == "80"
+
+
+def test_an_output_folder_that_cannot_be_written_stops_the_stage_before_training(repo):
+    shutil.rmtree(repo / "metrics", ignore_errors=True)
+    (repo / "metrics").write_text("a file where the metrics folder belongs")
+    result = run_module("pipeline.stages.train_scratch", repo)
+    assert result.returncode == 2
+    assert re.fullmatch(r"error: train_scratch: cannot write its output metrics/train_scratch.json \(\w+Error: .*\); "
+                        r"make metrics/ writable\n", result.stderr), result.stderr
+    assert not (repo / "models/scratch/model.pt").exists() and "epoch 1/" not in result.stdout
+
+
+def test_a_store_that_cannot_be_written_stops_the_stage_before_training(repo):
+    store = repo / "mlflow.db"
+    result = run_module("pipeline.stages.augment", repo)  # creates the store
+    assert result.returncode == 0, result.stderr
+    made_immutable = subprocess.run(["chattr", "+i", str(store)], capture_output=True)
+    if made_immutable.returncode != 0:
+        pytest.skip(f"chattr +i is not permitted here: {made_immutable.stderr.strip()}")
+    try:
+        result = run_module("pipeline.stages.train_scratch", repo)
+    finally:
+        subprocess.run(["chattr", "-i", str(store)], check=True)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: MLflow store sqlite:///{store.resolve().as_posix()}: the database cannot be "
+                             f"written (attempt to write a readonly database); make {store.resolve()} writable or "
+                             "set MLFLOW_TRACKING_URI to another store\n")
+    assert not (repo / "models/scratch/model.pt").exists()

@@ -59,8 +59,8 @@ def test_tiny_run_is_fully_tracked(tmp_path, monkeypatch, mlflow_store, tiny_pre
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     np.save(tmp_path / "x.npy", x.numpy())
     expected = model(x).detach().numpy()
-    # The logged model loads in a fresh process, outside this repository's editable install, and predicts
-    # exactly what the saved model predicts.
+    # The logged model loads in a fresh process (isolated mode: no cwd, no PYTHONPATH) and predicts exactly
+    # what the saved model predicts.
     code = ("import mlflow, numpy as np, sys; m = mlflow.pyfunc.load_model(sys.argv[1]);"
             "np.save('pred.npy', m.predict(np.load('x.npy')));"
             "t = mlflow.pytorch.load_model(sys.argv[1]); import torch;"

@@ -15,6 +15,7 @@ from pipeline import plots, tracking
 from pipeline.atomic import atomic_dir
 from pipeline.data import augment as aug
 from pipeline.data.prepared import PreparedData
+from pipeline.deps import check_outputs_writable
 from pipeline.errors import stage_main
 
 OUT_DIR = Path("data/augmented")
@@ -58,7 +59,9 @@ def run(p: params_mod.Params) -> None:
 
 @stage_main
 def main() -> None:
-    run(params_mod.load())
+    p = params_mod.load()
+    check_outputs_writable("augment")
+    run(p)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pipeline.atomic import write_csv, write_json, write_text
 from pipeline.data import augment as aug
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import PreparedData
+from pipeline.deps import check_outputs_writable
 from pipeline.errors import stage_main
 from pipeline.evaluation import accuracy, device_for, latency_ms, macs_per_image, predict_proba
 from pipeline.models import registry
@@ -136,7 +137,9 @@ def run(p: params_mod.Params) -> dict:
 
 @stage_main
 def main() -> None:
-    run(params_mod.load())
+    p = params_mod.load()
+    check_outputs_writable("compare")
+    run(p)
 
 
 if __name__ == "__main__":

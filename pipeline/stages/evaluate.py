@@ -17,6 +17,7 @@ from pipeline import plots, tracking
 from pipeline.atomic import atomic_set, write_csv, write_json
 from pipeline.data.fewshot import remap_labels
 from pipeline.data.prepared import PreparedData
+from pipeline.deps import check_outputs_writable
 from pipeline.errors import PipelineError, stage_main
 from pipeline.evaluation import (
     classification_report,
@@ -132,7 +133,9 @@ def log_to_run(run_id: str, result: dict, files: list[Path]) -> None:
 
 @stage_main
 def main() -> None:
-    run(params_mod.load())
+    p = params_mod.load()
+    check_outputs_writable("evaluate")
+    run(p)
 
 
 if __name__ == "__main__":

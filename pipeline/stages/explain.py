@@ -19,6 +19,7 @@ from pipeline import params as params_mod
 from pipeline import plots, tracking
 from pipeline.atomic import write_csv
 from pipeline.data.prepared import PreparedData
+from pipeline.deps import check_outputs_writable
 from pipeline.errors import stage_main
 from pipeline.fundamentals.filters import CLASSIC_FILTERS, apply_filter, to_gray
 from pipeline.fundamentals.ops import pool2d
@@ -124,7 +125,9 @@ def run(p: params_mod.Params) -> list[Path]:
 
 @stage_main
 def main() -> None:
-    run(params_mod.load())
+    p = params_mod.load()
+    check_outputs_writable("explain")
+    run(p)
 
 
 if __name__ == "__main__":

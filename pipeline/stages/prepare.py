@@ -12,6 +12,7 @@ from pipeline import plots
 from pipeline.atomic import atomic_dir, write_json
 from pipeline.data import sources
 from pipeline.data.prepared import PREPARED_DIR, build_prepared, class_counts
+from pipeline.deps import check_outputs_writable
 from pipeline.errors import PipelineError, stage_main
 from pipeline.params import Params, load
 
@@ -49,7 +50,9 @@ def run(p: Params) -> dict:
 
 @stage_main
 def main() -> None:
-    run(load())
+    p = load()
+    check_outputs_writable("prepare")
+    run(p)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pipeline.atomic import atomic_set, write_csv, write_json
 from pipeline.data import augment as aug
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import PreparedData
+from pipeline.deps import check_outputs_writable
 from pipeline.errors import stage_main
 from pipeline.models import checkpoint
 from pipeline.models.classifier import Classifier
@@ -108,7 +109,9 @@ def write_outputs(model: Classifier, spec, data: PreparedData, result: FitResult
 
 @stage_main
 def main() -> None:
-    run(params_mod.load())
+    p = params_mod.load()
+    check_outputs_writable("train_scratch")
+    run(p)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from pipeline.atomic import atomic_dir, write_csv, write_json
 from pipeline.data import augment as aug
 from pipeline.data.fewshot import class_subset, per_class_indices
 from pipeline.data.prepared import PreparedData
+from pipeline.deps import check_outputs_writable
 from pipeline.errors import stage_main
 from pipeline.evaluation import device_for, sweep_summary
 from pipeline.models import checkpoint, registry
@@ -138,7 +139,9 @@ def write_outputs(s: Setup, rows: list[dict], saved: dict) -> dict:
 
 @stage_main
 def main() -> None:
-    run(params_mod.load())
+    p = params_mod.load()
+    check_outputs_writable("transfer_learn")
+    run(p)
 
 
 if __name__ == "__main__":

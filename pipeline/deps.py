@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -122,11 +123,14 @@ def check_outputs_writable(stage: str) -> None:
 
     for out in outputs(stage):
         folder = out.parent if out.suffix else out
+        created = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
         try:
             folder.mkdir(parents=True, exist_ok=True)
             fd, probe = tempfile.mkstemp(prefix=".writable-", dir=folder)
             os.close(fd)
             os.unlink(probe)
+            if created is not None:  # leave no empty folders behind: the stage makes its own
+                shutil.rmtree(created)
         except OSError as exc:
             raise PipelineError(f"{stage}: cannot write its output {out} ({type(exc).__name__}: "
                                 f"{exc.strerror or exc}); make {folder}/ writable") from None

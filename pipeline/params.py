@@ -235,6 +235,10 @@ class TrainerParams(Section):
 
 class MlflowParams(Section):
     experiment: Annotated[str, Field(min_length=1)] = "cnn-pipeline"
+    # Registered models: every trained model becomes a new version (alias `candidate`); evaluate moves the
+    # alias `champion` to it when its test accuracy is at least the champion's on the same test images.
+    scratch_model: Annotated[str, Field(min_length=1)] = "cnn-pipeline-scratch"
+    transfer_model: Annotated[str, Field(min_length=1)] = "cnn-pipeline-transfer"
 
 
 class Params(Section):

@@ -231,6 +231,50 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         client().log_batch(run_id, metrics=items)
 
 
+def dataset_inputs(data) -> list[tuple[Any, str]]:
+    """The prepared splits as MLflow datasets (name: the source and split; digest: the prepared data's hash;
+    source: the DVC-tracked data/prepared folder), each with its context (train, val, test)."""
+    import mlflow
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    source = LocalArtifactDatasetSource((store_root() / "data" / "prepared").as_posix())
+    return [(mlflow.data.from_numpy(data.x[split], source=source, targets=data.y[split],
+                                    name=f"{data.source}/{split}", digest=data.data_hash), split)
+            for split in ("train", "val", "test")]
+
+
+def log_inputs(run_id: str, datasets: list[tuple[Any, str]]) -> None:
+    """The datasets a run trained and validated on, tagged with their context and the git commit."""
+    import mlflow
+
+    commit = _git("rev-parse", "HEAD") or "unknown"
+    with mlflow.start_run(run_id=run_id):
+        for dataset, context in datasets:
+            mlflow.log_input(dataset, context=context, tags={"git_commit": commit, "dvc_path": "data/prepared"})
+
+
+def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
+    """A new version of the registered model `name`, aliased `candidate`; its version number."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("mlflow.tracking._model_registry.fluent").setLevel(logging.WARNING)
+    version = mlflow.register_model(model_uri, name, tags=tags).version
+    client().set_registered_model_alias(name, "candidate", version)
+    return str(version)
+
+
+def champion_version(name: str) -> str | None:
+    """The version the alias `champion` points at, or None (no champion yet, or no such model)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client().get_model_version_by_alias(name, "champion").version)
+    except MlflowException:
+        return None
+
+
 def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     client().log_artifact(run_id, str(path), artifact_path)
 

@@ -67,8 +67,10 @@ def tiny_prepared(digits):
     """A prepared data set of 20 digits per class."""
     from pipeline.data.prepared import build_prepared
 
-    return build_prepared(digits.images, digits.labels, digits.class_names, (0.6, 0.2, 0.2), seed=0,
+    data = build_prepared(digits.images, digits.labels, digits.class_names, (0.6, 0.2, 0.2), seed=0,
                           min_per_class=5, max_per_class=20)
+    data.source = "embedded"
+    return data
 
 
 def make_repo_copy(dest: Path, profile: str | None = "tiny") -> Path:

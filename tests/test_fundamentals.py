@@ -78,9 +78,19 @@ def test_seed_worked_examples():
 
 
 def test_seed_parameter_table():
-    assert [conv_params(3, 1, 32), conv_params(3, 32, 64), dense_params(3136, 128), dense_params(128, 10)] == \
-        [320, 18_496, 401_536, 1_290]
-    assert sum([320, 18_496, 401_536, 1_290]) == 421_642
+    """The formulas, layer by layer, against the model measured by torchinfo (the per-layer table)."""
+    from pipeline.fundamentals.summary import layer_table, param_counts
+    from pipeline.models.cnn import CNN, PRESETS
+
+    model = CNN(PRESETS["seed_mnist"], 1, 28, 10)
+    measured = [r for r in layer_table(model, (1, 28, 28)) if r.params]
+    formula = [conv_params(3, 1, 32), conv_params(3, 32, 64), dense_params(64 * 7 * 7, 128), dense_params(128, 10)]
+    assert [(r.type, r.params) for r in measured] == list(zip(["Conv2d", "Conv2d", "Linear", "Linear"], formula,
+                                                              strict=True))
+    assert sum(formula) == param_counts(model)["total"] == 421_642
+    # torchinfo's mult-adds of a conv layer: output positions x its parameters (the bias counted as one).
+    assert measured[0].mult_adds == 28 * 28 * conv_params(3, 1, 32)
+    assert measured[1].mult_adds == 14 * 14 * conv_params(3, 32, 64)
     assert dense_weights([784, 512]) == 401_408  # the seed's fully connected first layer
     assert dense_weights([784, 512, 10]) == 406_528
     assert dense_weights([150_528, 512]) == 77_070_336

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,44 @@ def test_a_killed_repro_keeps_the_last_good_outputs(repro, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage, as a closed laptop lid or an OOM killer would
     proc.wait(timeout=60)
     assert snapshot(repo) == before
+
+
+@pytest.mark.slow
+def test_the_champion_is_served_and_predicts_what_evaluate_measured(repro):
+    import numpy as np
+    import requests
+
+    from tests.servers import free_port
+
+    repo, first = repro
+    assert "evaluate: cnn-pipeline-scratch: v1 is the first champion" in first.stdout
+    with np.load(repo / "data/prepared/dataset.npz") as f:
+        x, y = f["x_test"], f["y_test"]
+    images = (x.astype(np.float32) / 255.0).transpose(0, 3, 1, 2)  # (N, 1, 28, 28) pixels in [0, 1]
+    port = free_port()
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
+                        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", "models:/cnn-pipeline-scratch@champion",
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+                              cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(240):
+            try:
+                if requests.get(f"{url}/ping", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.poll() is None, "mlflow models serve exited"
+            time.sleep(0.5)
+        response = requests.post(f"{url}/invocations", json={"inputs": images.tolist()}, timeout=60)
+        assert response.status_code == 200, response.text[:500]
+        logits = np.asarray(response.json()["predictions"])
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert logits.shape == (len(y), 10)
+    served = float((logits.argmax(1) == y).mean())
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    assert served == pytest.approx(evaluate["seed_mnist"]["accuracy"], abs=1e-6)

@@ -53,8 +53,18 @@ def test_tiny_run_is_fully_tracked(tmp_path, monkeypatch, mlflow_store, tiny_pre
     assert [int(r["params"]) for r in rows if int(r["params"])] == [320, 18_496, 401_536, 1_290]
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"summary", "curves", "checkpoints", "augmentation"} <= artifacts
+    # Its data sets: the prepared splits, named by source and split, with the prepared data's hash as digest.
+    inputs = {(d.dataset.name, d.dataset.digest, {t.key: t.value for t in d.tags}["mlflow.data.context"])
+              for d in run.inputs.dataset_inputs}
+    digest = tiny_prepared.data_hash
+    assert inputs == {(f"embedded/{s}", digest, s) for s in ("train", "val", "test")}
     # The saved model file holds the best epoch's weights, and the logged model is the same network.
     model, meta = checkpoint.load(tmp_path / "models/scratch/model.pt")
+    # A new version of the registered model, aliased candidate, tagged with what made it.
+    assert meta["registered_model"] == "cnn-pipeline-scratch" and meta["model_version"] == "1"
+    version = client.get_model_version_by_alias("cnn-pipeline-scratch", "candidate")
+    assert str(version.version) == "1" and version.run_id == run_id
+    assert version.tags["data_hash"] == tiny_prepared.data_hash and len(version.tags["params_hash"]) == 12
     assert (tmp_path / "models/scratch/best.ckpt").exists() and not list((tmp_path / ".cache/checkpoints").iterdir())
     x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     np.save(tmp_path / "x.npy", x.numpy())
@@ -78,6 +88,11 @@ def test_same_seed_same_metrics(tmp_path, monkeypatch, mlflow_store, tiny_prepar
     c = (scratch_run(tmp_path, tiny_prepared, seed=2), curves(tmp_path))
     assert [r["train_loss"] for r in a[1]] == [r["train_loss"] for r in b[1]]
     assert a[0]["best_val_loss"] == b[0]["best_val_loss"] and a[0]["mlflow_run_id"] != b[0]["mlflow_run_id"]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_store)
+    same = [client.get_run(r[0]["mlflow_run_id"]).inputs.dataset_inputs[0].dataset for r in (a, b)]
+    assert same[0].name == same[1].name and same[0].digest == same[1].digest  # one data set in the UI
     assert a[1][-1]["train_loss"] != c[1][-1]["train_loss"]
 
 
@@ -103,3 +118,38 @@ def test_impossible_layer_stack_stops_the_stage(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: model block 3: max pool 2x2 does not fit its 1x1 input"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_champion_moves_only_to_a_version_at_least_as_accurate(tmp_path, monkeypatch, mlflow_store, tiny_prepared,
+                                                                capsys):
+    from mlflow import MlflowClient
+
+    from pipeline.stages import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    p = parse({"evaluate": {"latency_runs": 3, "warmup_runs": 1}})
+    scratch_run(tmp_path, tiny_prepared, epochs=2)
+    first = evaluate.run(p)["seed_mnist"]["accuracy"]
+    assert "evaluate: cnn-pipeline-scratch: v1 is the first champion" in capsys.readouterr().out
+    # A worse model (one epoch at a tiny learning rate): a new candidate, not a new champion.
+    data_params = {"train": {"epochs": 1, "lr": 1e-6, "batch_size": 32, "warmup_epochs": 0}}
+    from pipeline.data import augment as aug
+    from pipeline.stages import train_scratch
+
+    aug.save(aug.build(AugmentParams(), 0))
+    train_scratch.run(parse(data_params))
+    second = evaluate.run(p)["seed_mnist"]["accuracy"]
+    assert second < first
+    out = capsys.readouterr().out
+    assert (f"evaluate: cnn-pipeline-scratch: champion stays v1 (test acc {first:.4f} on these images; "
+            f"v2: {second:.4f})") in out
+    client = MlflowClient(mlflow_store)
+    assert str(client.get_model_version_by_alias("cnn-pipeline-scratch", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("cnn-pipeline-scratch", "candidate").version) == "2"
+    assert client.get_model_version("cnn-pipeline-scratch", "2").tags["test_accuracy"] == str(second)
+    # The champion loads by its alias in a fresh process.
+    code = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/cnn-pipeline-scratch@champion');"
+            "print(m.predict(np.zeros((2, 1, 28, 28), dtype='float32')).shape)")
+    out = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"MLFLOW_TRACKING_URI": mlflow_store, "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "(2, 10)", out.stderr[-2000:]

@@ -54,6 +54,7 @@ class PreparedData:
     mean: list[float]
     std: list[float]
     data_hash: str
+    source: str = "unknown"  # where the images came from: embedded, mnist, folder:data/raw, ...
 
     @property
     def image_size(self) -> int:
@@ -72,7 +73,8 @@ class PreparedData:
         with atomic_path(directory / "dataset.npz") as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
         meta = {"class_names": self.class_names, "mean": self.mean, "std": self.std,
-                "image_size": self.image_size, "channels": self.channels, "data_hash": self.data_hash}
+                "image_size": self.image_size, "channels": self.channels, "data_hash": self.data_hash,
+                "source": self.source}
         with atomic_path(directory / "meta.json") as tmp:
             tmp.write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -89,7 +91,8 @@ class PreparedData:
         except (OSError, ValueError, KeyError) as exc:
             raise PipelineError(f"{directory.as_posix()}: prepared data is unreadable ({exc}); "
                                 "rerun `dvc repro -f prepare`") from None
-        return cls(x, y, meta["class_names"], meta["mean"], meta["std"], meta["data_hash"])
+        return cls(x, y, meta["class_names"], meta["mean"], meta["std"], meta["data_hash"],
+                   meta.get("source", "unknown"))
 
 
 def build_prepared(

@@ -1,4 +1,5 @@
-"""A Keras-`summary()`-like table of any torch model: layer, type, output shape, parameters, trainable."""
+"""A Keras-`summary()`-like table of any torch model (layer, type, output shape, parameters, mult-adds,
+trainable), measured by torchinfo; the project's own formulas (`fundamentals.params`) cross-check it in tests."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class LayerRow:
     output_shape: tuple[int, ...]
     params: int
     trainable: int
+    mult_adds: int = 0
 
     @property
     def frozen(self) -> bool:
@@ -29,47 +31,33 @@ def param_counts(model: nn.Module) -> dict[str, int]:
 
 
 def layer_table(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerRow]:
-    """Run one zero batch of `input_shape` (C, H, W) through the model and list its leaf layers."""
-    rows: list[LayerRow] = []
-    hooks = []
+    """One zero batch of `input_shape` (C, H, W) through the model (torchinfo.summary): its leaf layers, in call
+    order, named by their path in the model."""
+    import torchinfo
 
-    def hook(name: str):
-        def record(module: nn.Module, _inp, out) -> None:
-            shape = tuple(out.shape[1:]) if isinstance(out, torch.Tensor) else ()
-            params = list(module.parameters(recurse=False))
-            rows.append(LayerRow(
-                name=name, type=type(module).__name__, output_shape=shape,
-                params=sum(p.numel() for p in params),
-                trainable=sum(p.numel() for p in params if p.requires_grad),
-            ))
-        return record
-
-    for name, module in model.named_modules():
-        if name and not list(module.children()):
-            hooks.append(module.register_forward_hook(hook(name)))
+    names = {id(module): name for name, module in model.named_modules()}
     was_training = model.training
-    model.eval()
     try:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad():
-            model(torch.zeros((1, *input_shape), device=device))
+        stats = torchinfo.summary(model, input_size=(1, *input_shape), device=device, mode="eval", verbose=0,
+                                  depth=100, col_names=("output_size", "num_params", "mult_adds", "trainable"))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    # Leaf layers only: no architecture here keeps parameters directly on a container module.
-    return rows
+    return [LayerRow(name=names.get(id(info.module), info.var_name), type=info.class_name,
+                     output_shape=tuple(info.output_size[1:]) if info.output_size else (),
+                     params=info.num_params, trainable=info.trainable_params, mult_adds=int(info.macs))
+            for info in stats.summary_list if info.is_leaf_layer]
 
 
 def format_table(rows: list[LayerRow], title: str = "") -> str:
     """Render the table as fixed-width text, with totals, as Keras' model.summary() does."""
-    header = f"{'Layer':<28}{'Type':<22}{'Output shape':<20}{'Params':>12}  {'':<6}"
+    header = f"{'Layer':<28}{'Type':<22}{'Output shape':<20}{'Params':>12}{'Mult-adds':>15}  {'':<6}"
     lines = [title, "=" * len(header), header, "-" * len(header)] if title else ["=" * len(header), header,
                                                                               "-" * len(header)]
     for r in rows:
         shape = "x".join(str(s) for s in r.output_shape) or "-"
         flag = "frozen" if r.frozen else ""
-        lines.append(f"{r.name[:27]:<28}{r.type[:21]:<22}{shape:<20}{r.params:>12,}  {flag:<6}")
+        lines.append(f"{r.name[:27]:<28}{r.type[:21]:<22}{shape:<20}{r.params:>12,}{r.mult_adds:>15,}  {flag:<6}")
     total = sum(r.params for r in rows)
     trainable = sum(r.trainable for r in rows)
     lines += ["=" * len(header), f"Total params: {total:,}", f"Trainable params: {trainable:,}",
@@ -80,4 +68,5 @@ def format_table(rows: list[LayerRow], title: str = "") -> str:
 def table_rows(rows: list[LayerRow]) -> list[dict[str, object]]:
     """The table as CSV-ready dicts."""
     return [{"layer": r.name, "type": r.type, "output_shape": "x".join(map(str, r.output_shape)),
-             "params": r.params, "trainable_params": r.trainable, "frozen": r.frozen} for r in rows]
+             "params": r.params, "trainable_params": r.trainable, "mult_adds": r.mult_adds, "frozen": r.frozen}
+            for r in rows]

@@ -78,7 +78,8 @@ def train_one(name: str, data: PreparedData, transform, parent_id: str, p) -> di
     datamodule = ImageDataModule(splits, c.batch_size, p.trainer.num_workers, p.seed, transform, size)
     run = RunSpec(p.mlflow.experiment, f"compare/{name}", tracking.run_tags("compare", name, data.data_hash),
                   {"architecture": name, "image_size": size, "epochs": c.epochs, "lr": c.lr, "batch_size": c.batch_size},
-                  (channels, size, size), artifacts=aug.artifacts(), log_model=False, parent_id=parent_id)
+                  (channels, size, size), artifacts=aug.artifacts(), log_model=False, parent_id=parent_id,
+                  datasets=tracking.dataset_inputs(data))
     optim = OptimConfig.from_params(lr=c.lr, scheduler="cosine", warmup_epochs=0)
     result = fit(ClassifierModule(model, data.num_classes, optim), datamodule,
                  FitConfig(p.trainer, c.epochs, label=f"{name} "), run)

@@ -15,6 +15,7 @@ import numpy as np
 from pipeline import params as params_mod
 from pipeline import plots, tracking
 from pipeline.atomic import atomic_set, write_csv, write_json
+from pipeline.champion import crown
 from pipeline.data.fewshot import remap_labels
 from pipeline.data.prepared import PreparedData
 from pipeline.deps import check_outputs_writable
@@ -117,6 +118,11 @@ def run(p: params_mod.Params) -> dict:
               flush=True)
         if result["mlflow_run_id"]:
             log_to_run(result["mlflow_run_id"], result, files[name])
+        if measured[name]["meta"].get("model_version"):
+            m = measured[name]
+            line = crown(m["meta"]["registered_model"], str(m["meta"]["model_version"]), m["result"]["accuracy"],
+                         (m["x"], m["y"], m["meta"]["image_size"]), data.data_hash, device_for(p.trainer.accelerator))
+            print(f"evaluate: {line}", flush=True)
     return results
 
 

@@ -30,6 +30,7 @@ def run(p: Params) -> dict:
     official = raw.official_test if d.split != "random" else None
     data = build_prepared(raw.images, raw.labels, raw.class_names, (d.ratios.train, d.ratios.val, d.ratios.test),
                           p.seed, d.min_per_class, d.max_per_class, official)
+    data.source = f"folder:{d.raw_dir}" if d.source == "folder" else d.source
     with atomic_dir(PREPARED_DIR) as tmp:
         data.save(tmp)
     counts = class_counts(data)

@@ -65,7 +65,8 @@ def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
     logged |= {"model.resolved": str(spec.to_dict())[:5000], "data.num_classes": data.num_classes}
     run_spec = RunSpec(p.mlflow.experiment, f"train_scratch/{spec.name}",
                        tracking.run_tags("train_scratch", spec.name, data.data_hash), logged,
-                       (data.channels, data.image_size, data.image_size), artifacts=aug.artifacts())
+                       (data.channels, data.image_size, data.image_size), artifacts=aug.artifacts(),
+                       datasets=tracking.dataset_inputs(data), register_as=p.mlflow.scratch_model)
     # Same params and data: a killed training resumes from its last epoch (see FitConfig.resume_key).
     key = hashlib.sha256(json.dumps([logged, data.data_hash], sort_keys=True, default=str).encode()).hexdigest()
     config = FitConfig.from_params(t, p.trainer, keep_checkpoint=True, callbacks=tuple(extra_callbacks or ()),
@@ -74,15 +75,16 @@ def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
                  run_spec)
     if not is_rank_zero():
         return {}
-    return write_outputs(model, spec, data, result)
+    return write_outputs(model, spec, data, result, p.mlflow.scratch_model)
 
 
-def write_outputs(model: Classifier, spec, data: PreparedData, result: FitResult) -> dict:
+def write_outputs(model: Classifier, spec, data: PreparedData, result: FitResult, registered: str) -> dict:
     """The model folder, curves and metrics, published as one set."""
     arch = checkpoint.cnn_arch(spec, data.channels, data.image_size, data.num_classes)
     meta = {"stage": "train_scratch", "name": spec.name, "class_names": data.class_names,
             "class_ids": list(range(data.num_classes)), "image_size": data.image_size,
-            "mlflow_run_id": result.run_id, "model_uri": result.model_uri}
+            "mlflow_run_id": result.run_id, "model_uri": result.model_uri,
+            "registered_model": registered if result.model_version else None, "model_version": result.model_version}
     final = result.rows[-1] if result.rows else {}
     metrics = {
         "model": spec.name, "best_val_acc": round(result.best_val_acc, 6),

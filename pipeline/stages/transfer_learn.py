@@ -63,7 +63,8 @@ def setup(p: params_mod.Params) -> Setup:
         parent_id = tracking.start_run(p.mlflow.experiment, f"transfer_learn/sweep/{tp.backbone}",
                                        tracking.run_tags("transfer_learn", tp.backbone, data.data_hash))
         tracking.log_params(parent_id, params_mod.flatten({"seed": p.seed, "transfer": tp, "trainer": p.trainer}))
-    return Setup(p, data, classes, splits, mean, std, channels, base_state, transform, parent_id)
+    return Setup(p, data, classes, splits, mean, std, channels, base_state, transform, parent_id,
+                 datasets=tracking.dataset_inputs(data))
 
 
 def sweep(s: Setup) -> tuple[list[dict], dict]:
@@ -111,9 +112,11 @@ def write_outputs(s: Setup, rows: list[dict], saved: dict) -> dict:
             meta = {"stage": "transfer_learn", "name": f"{strategy}_{tp.backbone}", "strategy": strategy,
                     "class_names": names, "class_ids": s.classes, "image_size": s.data.image_size,
                     "target_per_class": row["target_per_class"], "mlflow_run_id": row["mlflow_run_id"],
-                    "model_uri": row["model_uri"]}
+                    "model_uri": row["model_uri"], "model_version": row["model_version"],
+                    "registered_model": s.p.mlflow.transfer_model if row["model_version"] else None}
             checkpoint.save(tmp / f"{strategy}.pt", model, arch_desc, meta)
-    write_csv(PLOTS / "sweep.csv", [{k: v for k, v in r.items() if k != "model_uri"} for r in rows])
+    write_csv(PLOTS / "sweep.csv", [{k: v for k, v in r.items() if k not in ("model_uri", "model_version")}
+                                    for r in rows])
     wide = [{"target_per_class": n} | {st: summary[str(n)][st]["mean"] for st in tp.strategies}
             for n in tp.target_per_class]
     write_csv(PLOTS / "crossover.csv", wide)

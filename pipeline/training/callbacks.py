@@ -3,6 +3,8 @@ MLflow run (params, parameter counts and artifacts when fitting starts; curves, 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import tempfile
 import time
@@ -116,6 +118,8 @@ class RunSpec:
     log_checkpoint: bool = True
     parent_id: str | None = None
     quiet: bool = False  # no layer table on the console
+    datasets: list = field(default_factory=list)  # (mlflow dataset, context): tracking.dataset_inputs
+    register_as: str | None = None  # the logged model becomes a new version of this registered model
 
     def callback(self, run_id: str | None = None) -> MLflowTracking:
         """The tracking callback: a new run, or `run_id` continued (a resumed training)."""
@@ -135,6 +139,7 @@ class MLflowTracking(pl.Callback):
         self.run_id: str | None = None
         self.counts: dict[str, int] = {}
         self.model_uri: str | None = None
+        self.model_version: str | None = None
         self._start = 0.0
 
     def tracked(self, pl_module) -> nn.Module:
@@ -153,6 +158,8 @@ class MLflowTracking(pl.Callback):
                                                 net=getattr(model, "net", model), quiet=self.spec.quiet)
         for path, artifact_dir in self.spec.artifacts:
             tracking.log_artifact(self.run_id, path, artifact_dir)
+        if self.spec.datasets:
+            tracking.log_inputs(self.run_id, self.spec.datasets)
 
     def on_fit_end(self, trainer, pl_module) -> None:
         from pipeline import plots, tracking
@@ -178,3 +185,10 @@ class MLflowTracking(pl.Callback):
             if example is None:
                 example = next(iter(trainer.datamodule.val_dataloader()))[0]
             self.model_uri = tracking.log_model(self.run_id, self.tracked(pl_module), example)
+            if self.spec.register_as:
+                tags = {k: self.spec.tags[k] for k in ("dvc_experiment", "data_hash", "git_commit", "stage")
+                        if k in self.spec.tags}
+                tags["params_hash"] = hashlib.sha256(json.dumps(self.spec.params, sort_keys=True,
+                                                                default=str).encode()).hexdigest()[:12]
+                tags["mlflow_run_id"] = self.run_id
+                self.model_version = tracking.register(self.model_uri, self.spec.register_as, tags)

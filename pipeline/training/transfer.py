@@ -52,6 +52,7 @@ class Setup:
     parent_id: str | None = None
     features: dict | None = None  # the frozen base's features of every target image, computed once
     heads: dict = field(default_factory=dict)  # (N, seed) -> the trained feature-extraction head
+    datasets: list = field(default_factory=list)  # the prepared splits as MLflow datasets, built once
 
     def new_model(self, with_base: bool) -> Classifier:
         tp = self.p.transfer
@@ -133,7 +134,8 @@ def _run(s: Setup, pt: Point, strategy: str, shape: tuple, log_model: bool, **sp
         "strategy": strategy, "target_per_class": str(pt.n), "sweep_seed": str(pt.seed), "weights": tp.weights}
     logged = params_mod.flatten({"transfer": tp}) | {"strategy": strategy, "n": pt.n, "sweep_seed": pt.seed}
     return RunSpec(s.p.mlflow.experiment, f"transfer_learn/n{pt.n}/seed{pt.seed}/{strategy}", tags, logged, shape,
-                   log_model=log_model, log_checkpoint=False, parent_id=s.parent_id, quiet=True, **spec)
+                   log_model=log_model, log_checkpoint=False, parent_id=s.parent_id, quiet=True,
+                   datasets=s.datasets, register_as=s.p.mlflow.transfer_model if log_model else None, **spec)
 
 
 def _config(s: Setup, pt: Point, steps: int) -> FitConfig:
@@ -221,5 +223,5 @@ def train_one(s: Setup, strategy: str, pt: Point, log_model: bool) -> tuple[dict
     row = {"target_per_class": pt.n, "seed": pt.seed, "strategy": strategy, "test_acc": round(test_acc, 6),
            "best_val_acc": round(result.best_val_acc, 6), "train_time_s": round(result.train_time_s, 2),
            "epochs": epochs, "params_trainable": result.counts.get("trainable"),
-           "mlflow_run_id": result.run_id, "model_uri": result.model_uri}
+           "mlflow_run_id": result.run_id, "model_uri": result.model_uri, "model_version": result.model_version}
     return row, model

@@ -1,0 +1,38 @@
+"""The alias `champion` of a registered model: moved only to a version at least as accurate on the same test
+images as the current champion, which is loaded and measured again (its earlier figure may be on other data)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline import tracking
+from pipeline.evaluation import accuracy, predict_proba
+
+
+def crown(name: str, version: str, acc: float, test: tuple[np.ndarray, np.ndarray, int], data_hash: str,
+          device: torch.device) -> str:
+    """Tag the version with its test accuracy and move `champion` when it earns it; one line says what happened.
+    `test` is (images, labels, image size) of the images `acc` was measured on."""
+    import mlflow
+
+    client = tracking.client()
+    client.set_model_version_tag(name, version, "test_accuracy", str(acc))
+    client.set_model_version_tag(name, version, "test_data_hash", data_hash)
+    current = tracking.champion_version(name)
+    if current == version:
+        return f"{name} v{version} is already the champion (test acc {acc:.4f})"
+    if current is None:
+        client.set_registered_model_alias(name, "champion", version)
+        return f"{name}: v{version} is the first champion (test acc {acc:.4f})"
+    x, y, size = test
+    champion = mlflow.pytorch.load_model(f"models:/{name}@champion", map_location="cpu")
+    probs = predict_proba(champion, x, size, device=device)
+    if probs.shape[1] != int(y.max()) + 1 and probs.shape[1] != len(np.unique(y)):
+        client.set_registered_model_alias(name, "champion", version)
+        return f"{name}: champion moves from v{current} (other classes) to v{version} (test acc {acc:.4f})"
+    champion_acc = accuracy(probs, y)
+    if acc < champion_acc:
+        return f"{name}: champion stays v{current} (test acc {champion_acc:.4f} on these images; v{version}: {acc:.4f})"
+    client.set_registered_model_alias(name, "champion", version)
+    return f"{name}: champion moves from v{current} ({champion_acc:.4f}) to v{version} ({acc:.4f})"

@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
 
 from pipeline.data.augment import apply
 
@@ -27,6 +27,15 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def __getitems__(self, indices: list[int]):
+        """A whole batch at once (the DataLoader asks for it so): without augmentation or resize, one indexing of
+        the uint8 array and one conversion instead of a Python loop over images."""
+        if self.transform is not None or self.image_size:
+            return [self[i] for i in indices]
+        idx = np.asarray(indices)
+        images = torch.from_numpy(self.images[idx]).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
+        return Batch(images, self.labels[idx])
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         img = self.images[i]
         if self.image_size:
@@ -36,6 +45,18 @@ class ImageDataset(Dataset):
             img = apply(self.transform, img)
         tensor = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
         return tensor, self.labels[i]
+
+
+class Batch(tuple):
+    """A batch already stacked by ImageDataset.__getitems__ (images, labels): collate passes it through."""
+
+    def __new__(cls, images: torch.Tensor, labels: torch.Tensor) -> Batch:
+        return super().__new__(cls, (images, labels))
+
+
+def collate(samples):
+    """Stacked batches pass through; lists of samples are stacked by torch's default collate."""
+    return list(samples) if isinstance(samples, Batch) else default_collate(samples)
 
 
 def seed_worker(_worker_id: int) -> None:
@@ -59,7 +80,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
         drop_last=drop_last,
-        worker_init_fn=seed_worker if num_workers else None, persistent_workers=num_workers > 0,
+        worker_init_fn=seed_worker if num_workers else None, persistent_workers=num_workers > 0, collate_fn=collate,
         pin_memory=torch.cuda.is_available(),
     )
 

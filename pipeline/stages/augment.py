@@ -12,7 +12,7 @@ import numpy as np
 
 from pipeline import params as params_mod
 from pipeline import plots, tracking
-from pipeline.atomic import atomic_dir
+from pipeline.atomic import atomic_set
 from pipeline.data import augment as aug
 from pipeline.data.prepared import PreparedData
 from pipeline.deps import check_outputs_writable
@@ -29,7 +29,8 @@ def run(p: params_mod.Params) -> None:
     names = [type(t).__name__ for t in transform.transforms] or ["(none: augment.enabled is false)"]
     print(f"augment: {', '.join(names)}", flush=True)
 
-    with atomic_dir(OUT_DIR) as tmp:
+    with atomic_set() as stage:  # the pipeline (and copies) with its preview, as one set
+        tmp = stage(OUT_DIR, folder=True)
         aug.save(transform, tmp / "pipeline.json")
         if a.offline_copies:
             # Materialized copies for augmentation-bound training; the pipeline reloads with the run's seed.
@@ -39,13 +40,13 @@ def run(p: params_mod.Params) -> None:
             with open(tmp / "offline.npz", "wb") as fh:
                 np.savez(fh, x=np.concatenate(copies), y=np.tile(y, a.offline_copies))
             print(f"augment: wrote {a.offline_copies} augmented copies of {len(x)} training images", flush=True)
-
-    preview = aug.load(OUT_DIR / "pipeline.json", seed=p.seed)
-    rng = np.random.default_rng(p.seed)
-    picks = rng.choice(len(data.x["train"]), size=min(a.preview_images, len(data.x["train"])), replace=False)
-    originals = [data.x["train"][i] for i in picks]
-    views = [[aug.apply(preview, img) for _ in range(a.preview_views)] for img in originals]
-    preview_path = plots.augmentation_preview(originals, views, Path("plots/augment/preview.png"))
+        preview = aug.load(tmp / "pipeline.json", seed=p.seed)  # the saved file is what training will load
+        rng = np.random.default_rng(p.seed)
+        picks = rng.choice(len(data.x["train"]), size=min(a.preview_images, len(data.x["train"])), replace=False)
+        originals = [data.x["train"][i] for i in picks]
+        views = [[aug.apply(preview, img) for _ in range(a.preview_views)] for img in originals]
+        plots.augmentation_preview(originals, views, stage(Path("plots/augment/preview.png")))
+    preview_path = Path("plots/augment/preview.png")
 
     tracking.check_store()
     run_id = tracking.start_run(p.mlflow.experiment, "augment",

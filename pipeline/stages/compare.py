@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline import params as params_mod
 from pipeline import plots, tracking
-from pipeline.atomic import write_csv, write_json, write_text
+from pipeline.atomic import atomic_set, write_csv, write_json, write_text
 from pipeline.data import augment as aug
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import PreparedData
@@ -100,24 +100,25 @@ def train_one(name: str, data: PreparedData, transform, parent_id: str, p) -> di
 
 
 def write_outputs(static: list[dict], trained: list[dict], parent_id: str) -> dict:
-    report = Path("reports")
-    write_text(report / "compare.md", compare_markdown(static, trained))
-    write_csv(report / "compare.csv", [{"section": "static"} | r for r in static]
-              + [{"section": "trained"} | r for r in trained])
-    chart = Path("plots/compare/accuracy_vs_params.png")
-    if trained:
-        plots.bubble_chart(trained, chart)
-        write_csv("plots/compare/trained.csv", trained)
-        tracking.log_artifact(parent_id, chart, "compare")
-    tracking.log_artifact(parent_id, report / "compare.md", "compare")
-    tracking.log_artifact(parent_id, report / "compare.csv", "compare")
+    """The report, the chart and the metrics as one set; then logged to the parent run."""
+    report, chart = Path("reports"), Path("plots/compare/accuracy_vs_params.png")
     metrics = {
         "static": {r["name"]: {"params": r["params"], "macs": r["macs"]} for r in static},
         "trained": {r["name"]: {k: r[k] for k in ("test_acc", "params", "train_time_s", "latency_ms_p50")}
                     for r in trained},
         "mlflow_parent_run_id": parent_id,
     }
-    write_json("metrics/compare.json", metrics)
+    with atomic_set() as stage:
+        write_text(stage(report / "compare.md"), compare_markdown(static, trained))
+        write_csv(stage(report / "compare.csv"), [{"section": "static"} | r for r in static]
+                  + [{"section": "trained"} | r for r in trained])
+        if trained:
+            folder = stage(chart.parent, folder=True)
+            plots.bubble_chart(trained, folder / chart.name)
+            write_csv(folder / "trained.csv", trained)
+        write_json(stage("metrics/compare.json"), metrics)
+    for path in ([chart] if trained else []) + [report / "compare.md", report / "compare.csv"]:
+        tracking.log_artifact(parent_id, path, "compare")
     return metrics
 
 

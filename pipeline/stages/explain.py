@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline import params as params_mod
 from pipeline import plots, tracking
-from pipeline.atomic import write_csv
+from pipeline.atomic import atomic_dir, write_csv
 from pipeline.data.prepared import PreparedData
 from pipeline.deps import check_outputs_writable
 from pipeline.errors import stage_main
@@ -98,20 +98,22 @@ def run(p: params_mod.Params) -> list[Path]:
     rng = np.random.default_rng(p.seed)
     picks = rng.choice(len(data.x["test"]), size=min(e.images, len(data.x["test"])), replace=False)
 
-    figures.append(classic_filter_figure([data.x["test"][picks[0]], *sample_photos()], OUT / "classic_filters.png"))
-    figures.append(pooling_figure(data.x["test"][picks[0]], OUT / "pooling.png"))
-    first_conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
-    figures.append(plots.filter_grid(first_conv.weight.detach().cpu().numpy(), OUT / "first_layer_filters.png",
-                                     f"{meta['name']}: learned first-layer filters "
-                                     f"({first_conv.out_channels} x {first_conv.kernel_size[0]}x"
-                                     f"{first_conv.kernel_size[1]})"))
-    for n, i in enumerate(picks):
-        image = data.x["test"][i]
-        figures.append(plots.feature_maps(block_outputs(model, image), image, OUT / f"feature_maps_{n}.png",
-                                          e.max_maps))
-    size = meta["image_size"]
-    rows = table_rows(layer_table(model.net, (data.channels, size, size)))
-    write_csv(OUT / "layers.csv", rows)
+    with atomic_dir(OUT) as out:  # all figures or none: the folder is replaced as a whole
+        figures.append(classic_filter_figure([data.x["test"][picks[0]], *sample_photos()], out / "classic_filters.png"))
+        figures.append(pooling_figure(data.x["test"][picks[0]], out / "pooling.png"))
+        first_conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
+        figures.append(plots.filter_grid(first_conv.weight.detach().cpu().numpy(), out / "first_layer_filters.png",
+                                         f"{meta['name']}: learned first-layer filters "
+                                         f"({first_conv.out_channels} x {first_conv.kernel_size[0]}x"
+                                         f"{first_conv.kernel_size[1]})"))
+        for n, i in enumerate(picks):
+            image = data.x["test"][i]
+            figures.append(plots.feature_maps(block_outputs(model, image), image, out / f"feature_maps_{n}.png",
+                                              e.max_maps))
+        size = meta["image_size"]
+        rows = table_rows(layer_table(model.net, (data.channels, size, size)))
+        write_csv(out / "layers.csv", rows)
+    figures = [OUT / f.name for f in figures]
 
     run_id = meta.get("mlflow_run_id")
     if run_id:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline import plots
-from pipeline.atomic import atomic_dir, write_json
+from pipeline.atomic import atomic_set, write_json
 from pipeline.data import sources
 from pipeline.data.prepared import PREPARED_DIR, build_prepared, class_counts
 from pipeline.deps import check_outputs_writable
@@ -31,8 +31,6 @@ def run(p: Params) -> dict:
     data = build_prepared(raw.images, raw.labels, raw.class_names, (d.ratios.train, d.ratios.val, d.ratios.test),
                           p.seed, d.min_per_class, d.max_per_class, official)
     data.source = f"folder:{d.raw_dir}" if d.source == "folder" else d.source
-    with atomic_dir(PREPARED_DIR) as tmp:
-        data.save(tmp)
     counts = class_counts(data)
     summary = {
         "source": d.source, "split": "official" if official is not None else "random",
@@ -41,9 +39,11 @@ def run(p: Params) -> dict:
         "total": {s: int(len(data.y[s])) for s in counts}, "per_class": counts,
         "mean": data.mean, "std": data.std,
     }
-    write_json("metrics/data.json", summary)
-    plots.sample_grid(data.x["train"], data.y["train"], data.class_names, d.sample_grid,
-                      Path("plots/prepare/samples.png"))
+    with atomic_set() as stage:  # the data, its figure and its metrics as one set
+        data.save(stage(PREPARED_DIR, folder=True))
+        plots.sample_grid(data.x["train"], data.y["train"], data.class_names, d.sample_grid,
+                          stage(Path("plots/prepare/samples.png")))
+        write_json(stage("metrics/data.json"), summary)
     sizes = ", ".join(f"{s} {len(data.y[s])}" for s in counts)
     print(f"prepare: {data.num_classes} classes, {sizes}; mean {data.mean} std {data.std}", flush=True)
     return summary

@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline import params as params_mod
 from pipeline import plots, tracking
-from pipeline.atomic import atomic_dir, write_csv, write_json
+from pipeline.atomic import atomic_set, write_csv, write_json
 from pipeline.data import augment as aug
 from pipeline.data.fewshot import class_subset, per_class_indices
 from pipeline.data.prepared import PreparedData
@@ -104,7 +104,15 @@ def write_outputs(s: Setup, rows: list[dict], saved: dict) -> dict:
     names = [s.data.class_names[c] for c in s.classes]
     transfer_arch = checkpoint.transfer_arch(tp.backbone, len(s.classes), tp.head_units, tp.head_dropout,
                                              tp.image_size, s.channels)
-    with atomic_dir(MODEL_DIR) as tmp:
+    result = {"backbone": tp.backbone, "weights": tp.weights, "image_size": tp.image_size, "seeds": tp.seeds,
+              "target_per_class": list(tp.target_per_class), "test_images": int(len(s.splits["test"][1])),
+              "summary": summary, "verdict": verdict, "verdict_text": lines,
+              "mlflow_parent_run_id": s.parent_id,
+              "saved_models": {st: {"target_per_class": r["target_per_class"], "seed": 0,
+                                    "test_acc": r["test_acc"], "mlflow_run_id": r["mlflow_run_id"]}
+                               for st, (_, r) in saved.items()}}
+    with atomic_set() as stage:  # models, plots and metrics as one set
+        tmp, plots_dir = stage(MODEL_DIR, folder=True), stage(PLOTS, folder=True)
         for strategy, (model, row) in saved.items():
             arch_desc = transfer_arch
             if strategy == "scratch":
@@ -115,22 +123,16 @@ def write_outputs(s: Setup, rows: list[dict], saved: dict) -> dict:
                     "model_uri": row["model_uri"], "model_version": row["model_version"],
                     "registered_model": s.p.mlflow.transfer_model if row["model_version"] else None}
             checkpoint.save(tmp / f"{strategy}.pt", model, arch_desc, meta)
-    write_csv(PLOTS / "sweep.csv", [{k: v for k, v in r.items() if k not in ("model_uri", "model_version")}
-                                    for r in rows])
-    wide = [{"target_per_class": n} | {st: summary[str(n)][st]["mean"] for st in tp.strategies}
-            for n in tp.target_per_class]
-    write_csv(PLOTS / "crossover.csv", wide)
-    chart = plots.crossover(summary, list(tp.strategies), PLOTS / "crossover.png",
-                            f"{tp.backbone} ({tp.weights}) at {tp.image_size}px, {tp.seeds} seeds")
-    result = {"backbone": tp.backbone, "weights": tp.weights, "image_size": tp.image_size, "seeds": tp.seeds,
-              "target_per_class": list(tp.target_per_class), "test_images": int(len(s.splits["test"][1])),
-              "summary": summary, "verdict": verdict, "verdict_text": lines,
-              "mlflow_parent_run_id": s.parent_id,
-              "saved_models": {st: {"target_per_class": r["target_per_class"], "seed": 0,
-                                    "test_acc": r["test_acc"], "mlflow_run_id": r["mlflow_run_id"]}
-                               for st, (_, r) in saved.items()}}
-    write_json(METRICS, result)
+        write_csv(plots_dir / "sweep.csv", [{k: v for k, v in r.items() if k not in ("model_uri", "model_version")}
+                                            for r in rows])
+        wide = [{"target_per_class": n} | {st: summary[str(n)][st]["mean"] for st in tp.strategies}
+                for n in tp.target_per_class]
+        write_csv(plots_dir / "crossover.csv", wide)
+        plots.crossover(summary, list(tp.strategies), plots_dir / "crossover.png",
+                        f"{tp.backbone} ({tp.weights}) at {tp.image_size}px, {tp.seeds} seeds")
+        write_json(stage(METRICS), result)
     if s.parent_id:
+        chart = PLOTS / "crossover.png"
         for path in (chart, PLOTS / "sweep.csv", PLOTS / "crossover.csv", METRICS):
             tracking.log_artifact(s.parent_id, path, "sweep")
         tracking.log_metrics(s.parent_id, {f"n{n}_{st}_test_acc_mean": v["mean"]

@@ -3,15 +3,18 @@ MLflow run (params, parameter counts and artifacts when fitting starts; curves, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import random
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import nn
@@ -126,6 +129,16 @@ class RunSpec:
         return MLflowTracking(self, run_id)
 
 
+@contextlib.contextmanager
+def untouched_rng():
+    """Python's, NumPy's and torch's random states are the same after the block as before it."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
 class MLflowTracking(pl.Callback):
     """The run of one training; only rank zero writes to it. A failed or interrupted fit ends it FAILED
     (Lightning finalizes its logger so)."""
@@ -146,11 +159,14 @@ class MLflowTracking(pl.Callback):
         return self.spec.tracked if self.spec.tracked is not None else pl_module.model
 
     def on_fit_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+        if is_rank_zero():
+            with untouched_rng():  # logging must not shift the dropout masks of the training that follows
+                self._log_start(pl_module)
+
+    def _log_start(self, pl_module) -> None:
         from pipeline import tracking
 
-        self._start = time.perf_counter()
-        if not is_rank_zero():
-            return
         self.run_id = self.logger.run_id
         tracking.log_params(self.run_id, self.spec.params)
         model = self.tracked(pl_module)
@@ -162,11 +178,13 @@ class MLflowTracking(pl.Callback):
             tracking.log_inputs(self.run_id, self.spec.datasets)
 
     def on_fit_end(self, trainer, pl_module) -> None:
+        if is_rank_zero() and self.run_id is not None:
+            with untouched_rng():
+                self._log_end(trainer, pl_module)
+
+    def _log_end(self, trainer, pl_module) -> None:
         from pipeline import plots, tracking
         from pipeline.atomic import write_csv
-
-        if not is_rank_zero() or self.run_id is None:
-            return
         rows = next(cb for cb in trainer.callbacks if isinstance(cb, EpochRecorder)).rows
         ckpt = trainer.checkpoint_callback
         best = best_row(rows, ckpt.monitor)

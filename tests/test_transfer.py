@@ -200,16 +200,16 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
     tiny_prepared.save(tmp_path / "data/prepared")
     aug.save(aug.build(params_mod.AugmentParams(), 0))
     p = params_mod.parse({"transfer": {"strategies": ["feature_extraction", "fine_tuning", "scratch",
-                                                      "scratch_backbone"], "image_size": 32, "target_per_class": [2, 3], "seeds": 2, "steps": 2,
+                                                      "scratch_backbone"], "image_size": 32, "target_per_class": [3], "seeds": 2, "steps": 2,
                                        "head_steps": 3, "cnn_steps": 3, "val_per_class": 2, "batch_size": 4}})
     result = transfer_learn.run(p)
     rows = list(csv.DictReader(open(tmp_path / "plots/transfer_learn/sweep.csv")))
     strategies = ["feature_extraction", "fine_tuning", "scratch", "scratch_backbone"]
     assert sorted((int(r["target_per_class"]), int(r["seed"]), r["strategy"]) for r in rows) == sorted(
-        (n, s, st) for n in (2, 3) for s in (0, 1) for st in strategies)
+        (n, s, st) for n in (3,) for s in (0, 1) for st in strategies)
     test_images = result["test_images"]
     assert test_images == len(tiny_prepared.y["test"])  # every class, the whole test split
-    for n in ("2", "3"):
+    for n in ("3",):
         for st in strategies:
             accs = [float(r["test_acc"]) for r in rows if r["target_per_class"] == n and r["strategy"] == st]
             assert result["summary"][n][st]["mean"] == pytest.approx(np.mean(accs), abs=1e-6)

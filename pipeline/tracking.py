@@ -231,6 +231,14 @@ def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None)
         client().log_batch(run_id, metrics=items)
 
 
+def params_hash(*values: Any) -> str:
+    """A short, stable hash of params (and anything else that decides a result, e.g. the data hash)."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def dataset_inputs(data) -> list[tuple[Any, str]]:
     """The prepared splits as MLflow datasets (name: the source and split; digest: the prepared data's hash;
     source: the DVC-tracked data/prepared folder), each with its context (train, val, test)."""

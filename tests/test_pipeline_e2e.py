@@ -114,6 +114,15 @@ def test_compare_has_one_parent_run_with_nested_runs(repro):
     assert compare["mlflow_parent_run_id"] == parents[0].info.run_id
 
 
+def copy_with_train(repro_repo: Path, dest: Path, **train) -> Path:
+    """A copy of the reproduced repository (its own MLflow store) with params.train edited."""
+    shutil.copytree(repro_repo, dest, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["train"] |= train
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
 def snapshot(repo: Path) -> dict[str, bytes]:
     return {p: (repo / p).read_bytes() for p in ("models/scratch/model.pt", "metrics/train_scratch.json",
                                                  "plots/train_scratch.csv", "plots/train_scratch/learning_curves.png")}
@@ -121,12 +130,8 @@ def snapshot(repo: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_a_failed_stage_keeps_the_last_good_outputs(repro, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(repro[0], repo, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
-    before = snapshot(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"]["lr"] = -0.1
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = snapshot(repro[0])
+    repo = copy_with_train(repro[0], tmp_path / "repo", lr=-0.1)
     result = dvc(repo, "repro", "train_scratch")
     assert result.returncode != 0
     assert "error: params.yaml: train.lr must be > 0.0 (got -0.1)" in result.stderr + result.stdout
@@ -135,12 +140,8 @@ def test_a_failed_stage_keeps_the_last_good_outputs(repro, tmp_path):
 
 @pytest.mark.slow
 def test_a_killed_repro_keeps_the_last_good_outputs(repro, tmp_path):
-    repo = tmp_path / "repo"
-    shutil.copytree(repro[0], repo, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
-    before = snapshot(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"] |= {"epochs": 200, "early_stopping": {"enabled": False, "patience": 5}}
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    before = snapshot(repro[0])
+    repo = copy_with_train(repro[0], tmp_path / "repo", epochs=200, early_stopping={"enabled": False, "patience": 5})
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CI": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen(["dvc", "repro", "train_scratch"], cwd=repo, env=env, text=True, stdout=subprocess.PIPE,

@@ -42,6 +42,17 @@ def edit_params(repo, **sections) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+def start_training(repo, until: str, stderr=subprocess.STDOUT) -> subprocess.Popen:
+    """train_scratch in the background, returned once its output shows a line starting with `until`."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
+    proc = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=stderr)
+    for line in proc.stdout:
+        if line.startswith(until):
+            break
+    return proc
+
+
 def run_statuses(repo) -> list[str]:
     from mlflow import MlflowClient
 
@@ -69,12 +80,7 @@ def test_a_signal_stops_the_stage_with_its_exit_code_and_keeps_the_outputs(repo,
     (repo / "models/scratch").mkdir(parents=True)
     (repo / "models/scratch/model.pt").write_bytes(b"the previous good model")
     edit_params(repo, train={"epochs": 200, "early_stopping": {"enabled": False, "patience": 5}})
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
-    proc = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    for line in proc.stdout:  # training has started once the first epoch is reported
-        if line.startswith("epoch 1/"):
-            break
+    proc = start_training(repo, "epoch 1/", stderr=subprocess.PIPE)  # training has started
     proc.send_signal(signum)
     try:
         _, stderr = proc.communicate(timeout=120)
@@ -201,12 +207,7 @@ def test_a_killed_training_resumes_from_its_last_epoch(repo):
     from mlflow import MlflowClient
 
     edit_params(repo, train={"epochs": 4, "early_stopping": {"enabled": False, "patience": 5}})
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
-    proc = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for line in proc.stdout:
-        if line.startswith("epoch 2/4"):
-            break
+    proc = start_training(repo, "epoch 2/4")
     proc.kill()  # kill -9: no handler runs
     proc.wait(timeout=60)
     folders = list((repo / ".cache/checkpoints").glob("resume-train_scratch-*"))
@@ -239,12 +240,7 @@ def test_two_trainings_at_once_each_publish_their_own_weights(repo):
     from pipeline.models import checkpoint
 
     edit_params(repo, train={"epochs": 80, "early_stopping": {"enabled": False, "patience": 5}})
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
-    long = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    for line in long.stdout:
-        if line.startswith("epoch 1/80"):
-            break
+    long = start_training(repo, "epoch 1/80")
     edit_params(repo, train={"epochs": 1, "lr": 0.003})  # a short run with other params, started later
     short = run_module("pipeline.stages.train_scratch", repo)
     assert short.returncode == 0, short.stderr[-2000:]

@@ -7,8 +7,6 @@ plots/train_scratch.csv and the learning-curve PNG; logs all of it, and the mode
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -68,9 +66,9 @@ def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
                        (data.channels, data.image_size, data.image_size), artifacts=aug.artifacts(),
                        datasets=tracking.dataset_inputs(data), register_as=p.mlflow.scratch_model)
     # Same params and data: a killed training resumes from its last epoch (see FitConfig.resume_key).
-    key = hashlib.sha256(json.dumps([logged, data.data_hash], sort_keys=True, default=str).encode()).hexdigest()
+    key = tracking.params_hash(logged, data.data_hash)
     config = FitConfig.from_params(t, p.trainer, keep_checkpoint=True, callbacks=tuple(extra_callbacks or ()),
-                                   resume_key=f"train_scratch-{key[:12]}")
+                                   resume_key=f"train_scratch-{key}")
     result = fit(ClassifierModule(model, data.num_classes, OptimConfig.from_params(t)), datamodule, config,
                  run_spec)
     if not is_rank_zero():

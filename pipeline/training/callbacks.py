@@ -4,8 +4,6 @@ MLflow run (params, parameter counts and artifacts when fitting starts; curves, 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 import random
 import tempfile
@@ -206,7 +204,6 @@ class MLflowTracking(pl.Callback):
             if self.spec.register_as:
                 tags = {k: self.spec.tags[k] for k in ("dvc_experiment", "data_hash", "git_commit", "stage")
                         if k in self.spec.tags}
-                tags["params_hash"] = hashlib.sha256(json.dumps(self.spec.params, sort_keys=True,
-                                                                default=str).encode()).hexdigest()[:12]
+                tags["params_hash"] = tracking.params_hash(self.spec.params)
                 tags["mlflow_run_id"] = self.run_id
                 self.model_version = tracking.register(self.model_uri, self.spec.register_as, tags)

@@ -100,3 +100,19 @@ def write_image(path: Path, mode: str, size: tuple[int, int], value: int) -> Non
     channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
     arr = rng.integers(0, 255, size=(size[1], size[0], channels), dtype=np.uint8)
     Image.fromarray(arr[..., 0] if channels == 1 else arr, mode).save(path)
+
+
+def ready_to_train(dest: Path, data, profile: str = "tiny") -> Path:
+    """A folder where train_scratch can run, made in process (no prepare/augment subprocesses): params.yaml with
+    the profile, dvc.yaml, `data` as the prepared data and the augmentation pipeline params.yaml describes."""
+    from pipeline.data import augment as aug
+    from pipeline.params import apply_profile, load
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy2(REPO / name, dest / name)
+    apply_profile(profile, dest / "params.yaml")
+    data.save(dest / "data" / "prepared")
+    p = load(dest / "params.yaml")
+    aug.save(aug.build(p.augment, p.seed), dest / "data" / "augmented" / "pipeline.json")
+    return dest

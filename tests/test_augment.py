@@ -39,14 +39,21 @@ def splits(tiny_prepared):
 
 
 def test_train_loader_augments_and_val_does_not(tiny_prepared):
-    dm = ImageDataModule(splits(tiny_prepared), 16, 0, 0, default_pipeline(affine_p=1.0, rotation_range=30))
-    train_x, _ = next(iter(dm.train_dataloader()))
-    val_x, _ = next(iter(dm.val_dataloader()))
-    expected_val = torch.from_numpy(tiny_prepared.x["val"][:16]).permute(0, 3, 1, 2).float() / 255
-    assert torch.equal(val_x, expected_val)  # val: pixels untouched
+    """Sample by sample: the augmented train loader yields the same images in the same order, with the same
+    labels, as the plain one, each with other pixels; val yields the stored pixels untouched."""
+    geometric = default_pipeline(affine_p=1.0, rotation_range=30, brightness=0, contrast=0, coarse_dropout={"p": 0})
+    dm = ImageDataModule(splits(tiny_prepared), 16, 0, 0, geometric)
     plain = ImageDataModule(splits(tiny_prepared), 16, 0, 0, None)
-    plain_x, _ = next(iter(plain.train_dataloader()))
-    assert not torch.equal(train_x, plain_x)  # same order (same seed), different pixels
+    (train_x, train_y), (plain_x, plain_y) = next(iter(dm.train_dataloader())), next(iter(plain.train_dataloader()))
+    assert torch.equal(train_y, plain_y)  # same samples, same order
+    for augmented, original in zip(train_x, plain_x, strict=True):
+        assert not torch.equal(augmented, original)  # every sample changed (affine_p=1.0)
+        # ... by a geometric transform of the same digit, not replaced by another image: most ink stays
+        assert abs(float(augmented.sum() - original.sum())) < 0.35 * float(original.sum())
+    val_x, val_y = next(iter(dm.val_dataloader()))
+    expected_val = torch.from_numpy(tiny_prepared.x["val"][:16]).permute(0, 3, 1, 2).float() / 255
+    assert torch.equal(val_x, expected_val)  # val: pixels untouched, in stored order
+    assert val_y.tolist() == tiny_prepared.y["val"][:16].tolist()
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -76,23 +83,37 @@ def test_missing_or_corrupt_pipeline_file(tmp_path):
         aug.load(tmp_path / "bad.json")
 
 
-def test_augment_stage_writes_preview_of_expected_size_and_logs_it(tmp_path, mlflow_store, tiny_prepared):
+def test_augment_stage_saves_the_pipeline_its_params_describe_and_logs_it(tmp_path, mlflow_store, tiny_prepared):
+    import yaml
     from mlflow import MlflowClient
     from PIL import Image
 
+    from pipeline.params import load
     from tests.conftest import make_repo_copy, run_module
 
     repo = make_repo_copy(tmp_path / "repo")  # tiny profile: 2 preview rows of 1 original + 3 views
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["augment"] |= {"rotation_range": 7, "horizontal_flip": True, "coarse_dropout": {"p": 0.4}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     tiny_prepared.save(repo / "data" / "prepared")
     result = run_module("pipeline.stages.augment", repo, env={"MLFLOW_TRACKING_URI": mlflow_store})
     assert result.returncode == 0, result.stderr
+    saved = aug.load(repo / "data/augmented/pipeline.json", seed=0)
+    p = load(repo / "params.yaml")
+    assert A.to_dict(saved) == A.to_dict(aug.build(p.augment, p.seed))  # exactly what params.yaml describes
+    affine = saved.transforms[0]
+    assert type(affine).__name__ == "Affine" and tuple(affine.rotate) == (-7, 7)
+    assert [type(t).__name__ for t in saved.transforms] == ["Affine", "HorizontalFlip", "RandomBrightnessContrast",
+                                                           "CoarseDropout"]
+    assert saved.transforms[-1].p == pytest.approx(0.4)
     with Image.open(repo / "plots/augment/preview.png") as img:
         width, height = img.size
     assert 380 <= width <= 560 and 200 <= height <= 340, (width, height)  # 4 cells of 1.2 in at 100 dpi
-    assert (repo / "data/augmented/pipeline.json").exists()
     client = MlflowClient(mlflow_store)
     run = client.search_runs([e.experiment_id for e in client.search_experiments()],
                              filter_string="tags.stage = 'augment'")[0]
-    assert run.data.params["augment.rotation_range"] == "15.0"
+    assert run.data.params["augment.rotation_range"] == "7.0"
+    logged = client.download_artifacts(run.info.run_id, "augmentation/pipeline.json", str(tmp_path))
+    assert A.to_dict(aug.load(logged)) == A.to_dict(saved)  # the logged pipeline is the saved one
     assert {"augmentation/pipeline.json", "augmentation/preview.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "augmentation")}

@@ -256,3 +256,46 @@ def test_prepare_stage_on_a_folder(tmp_path):
     data = PreparedData.load(tmp_path / "data/prepared")
     assert data.x["train"].shape[1:] == (20, 20, 3)
     assert (tmp_path / "plots/prepare/samples.png").stat().st_size > 1000
+
+
+def test_cifar10_batches_placed_in_raw_dir_load_with_their_official_test_split(tmp_path, offline, monkeypatch):
+    """CIFAR-10's python batches (pickles of uint8 rows, labels and a meta file) in data/raw/cifar-10-batches-py/
+    load through torchvision's own reader, resized and greyed as params ask. torchvision checks each file's md5:
+    the test files are small, so torchvision is told their checksums (a real download's are its own)."""
+    import pickle
+
+    from torchvision import datasets
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    batches, expected = {}, {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        labels = [(i + k) % 10 for k in range(4)]
+        rows = rng.integers(0, 256, (4, 3 * 32 * 32), dtype=np.uint8)
+        batches[name] = {"data": rows, "labels": labels}
+        expected[name] = (rows.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels)
+    batches["batches.meta"] = {"label_names": names}
+    for name, content in batches.items():
+        (folder / name).write_bytes(pickle.dumps(content))
+    md5 = {name: hashlib.md5((folder / name).read_bytes()).hexdigest() for name in batches}
+    monkeypatch.setattr(datasets.CIFAR10, "train_list", [[f"data_batch_{k}", md5[f"data_batch_{k}"]]
+                                                        for k in range(1, 6)])
+    monkeypatch.setattr(datasets.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(datasets.CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names",
+                                                   "md5": md5["batches.meta"]})
+    raw = load_torchvision("cifar10", tmp_path, 32, 3)
+    assert raw.class_names == names and raw.images.shape == (24, 32, 32, 3)
+    train = np.concatenate([expected[f"data_batch_{k}"][0] for k in range(1, 6)])
+    assert np.array_equal(raw.images[:20], train) and np.array_equal(raw.images[20:], expected["test_batch"][0])
+    assert raw.labels.tolist() == sum((expected[n][1] for n in [f"data_batch_{k}" for k in range(1, 6)]
+                                       + ["test_batch"]), [])
+    assert raw.official_test.tolist() == [False] * 20 + [True] * 4
+    grey = load_torchvision("cifar10", tmp_path, 28, 1)
+    assert grey.images.shape == (24, 28, 28, 1) and grey.images.dtype == np.uint8
+    # A file that is not what torchvision expects (a bad checksum), offline: one line naming the folder.
+    (folder / "test_batch").write_bytes(b"truncated")
+    with pytest.raises(PipelineError) as err:
+        load_torchvision("cifar10", tmp_path, 32, 3)
+    assert "put cifar-10-python.tar.gz" in str(err.value) and "\n" not in str(err.value)

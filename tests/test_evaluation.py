@@ -10,9 +10,10 @@ from pipeline.evaluation import classification_report, expected_calibration_erro
 
 
 def hand_made():
-    # 6 samples, 3 classes; predictions: 0,0,1,1,2,0 ; truth: 0,0,1,2,2,1
+    # 6 samples, 3 classes; predictions: 0,0,1,1,2,0 ; truth: 0,0,1,2,2,1. No ties among the two highest
+    # probabilities of any sample, so top-2 does not depend on how a sort orders equal values.
     probs = np.array([[0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.2, 0.7, 0.1],
-                      [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.4, 0.1]])
+                      [0.15, 0.8, 0.05], [0.3, 0.1, 0.6], [0.5, 0.4, 0.1]])
     return np.array([0, 0, 1, 2, 2, 1]), probs
 
 
@@ -20,13 +21,18 @@ def test_metrics_equal_hand_computed_values():
     y, probs = hand_made()
     report = classification_report(y, probs, ["a", "b", "c"], top_k=2, ece_bins=10)
     assert report["accuracy"] == pytest.approx(4 / 6)
-    # top-2: sample 3 (truth 2, top-2 = 1,0 or 1,2?) -> probs [0.1,0.8,0.1]: tie, argsort keeps index 0 first
+    # top-2 sets: {0,1} {0,1} {1,0} {1,0} {2,0} {0,1}: only sample 3 (truth 2) misses
     assert report["top_2_accuracy"] == pytest.approx(5 / 6)
     # per class: a: P=2/3 R=1 F1=0.8 ; b: P=1/2 R=1/2 F1=0.5 ; c: P=1 R=1/2 F1=2/3
     f1 = [0.8, 0.5, 2 / 3]
     assert [r["f1"] for r in report["per_class"]] == pytest.approx(f1)
+    assert [r["support"] for r in report["per_class"]] == [2, 2, 2]
     assert report["f1_macro"] == pytest.approx(np.mean(f1))
     assert report["f1_weighted"] == pytest.approx((0.8 * 2 + 0.5 * 2 + 2 / 3 * 2) / 6)
+    # ECE, 10 bins of width 0.1; confidence (correct?): 0.9 (y) 0.6 (y) 0.7 (y) 0.8 (n) 0.6 (y) 0.5 (n)
+    # bins: (0.4,0.5] {0.5 n}: |0-0.5|; (0.5,0.6] {0.6 y, 0.6 y}: 2 x |1-0.6|; (0.6,0.7] {0.7 y}: |1-0.7|;
+    # (0.7,0.8] {0.8 n}: |0-0.8|; (0.8,0.9] {0.9 y}: |1-0.9|; weighted by 1/6 a sample
+    assert report["ece"] == pytest.approx((0.5 + 2 * 0.4 + 0.3 + 0.8 + 0.1) / 6)
     cm = report["confusion"]
     assert cm.tolist() == [[2, 0, 0], [1, 1, 0], [0, 1, 1]]
     assert cm.sum(axis=1).tolist() == np.bincount(y).tolist()
@@ -39,17 +45,25 @@ def test_ece_by_hand():
     assert expected_calibration_error(y, probs, bins=2) == pytest.approx(0.25)
 
 
-def test_latency_runs_warmup_first():
-    calls = []
+def test_latency_times_only_the_runs_after_warm_up(monkeypatch):
+    """A fake clock: each forward pass advances it by a known amount (warm-up passes by 1 s each, timed passes
+    by 1..7 ms), so the reported latencies show exactly which passes were timed."""
+    import pipeline.evaluation as evaluation
 
-    class Spy(torch.nn.Module):
+    clock = {"now": 0.0, "calls": 0}
+    durations = [1.0] * 3 + [0.001 * k for k in (3, 1, 7, 2, 6, 4, 5)]  # 3 warm-up passes, then 7 timed
+
+    class Ticking(torch.nn.Module):
         def forward(self, x):
-            calls.append(x.shape)
+            clock["now"] += durations[clock["calls"]]
+            clock["calls"] += 1
             return x
 
-    result = latency_ms(Spy(), (1, 4, 4), runs=7, warmup=3, device=torch.device("cpu"))
-    assert len(calls) == 10 and result["latency_runs"] == 7 and result["latency_warmup_runs"] == 3
-    assert 0 < result["latency_ms_p50"] <= result["latency_ms_p90"]
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: clock["now"])
+    result = latency_ms(Ticking(), (1, 4, 4), runs=7, warmup=3, device=torch.device("cpu"))
+    assert clock["calls"] == 10 and result["latency_runs"] == 7 and result["latency_warmup_runs"] == 3
+    assert result["latency_ms_p50"] == pytest.approx(4.0)  # median of 1..7 ms: no warm-up second in it
+    assert result["latency_ms_p90"] == pytest.approx(6.0)  # the 90th percentile of 7 runs: the 6th fastest
 
 
 def test_peak_memory_grows_with_batch_size():

@@ -113,3 +113,50 @@ def test_cli_size_and_demo():
     assert out.returncode == 0 and out.stdout.startswith("H' = 112")
     bad = run_module("pipeline.fundamentals", REPO, "size", "--input", "5", "--kernel", "7")
     assert bad.returncode == 2 and "kernel 7x7 is larger than its 5x5 input" in bad.stderr
+
+
+def readme_fundamentals_commands() -> list[tuple[str, str]]:
+    """(arguments, comment) of each `python -m pipeline.fundamentals ...` line in the README."""
+    import re
+
+    from tests.conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"^python -m pipeline\.fundamentals (.+?)\s+# (.+)$", text, flags=re.M)
+
+
+def test_readme_fundamentals_commands_print_what_the_readme_says(capsys):
+    """Each command of the README's fundamentals block runs and prints the numbers its comment promises (in
+    process: the same main() as `python -m`), and the installed `cnn-fundamentals` script is the same program."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from pipeline.fundamentals.__main__ import main
+    from tests.conftest import PYTHON, REPO
+
+    commands = dict(readme_fundamentals_commands())
+    assert set(commands) == {"size --input 28 --kernel 3 --stride 2", "params seed_mnist", "conv-demo",
+                             "dense-vs-conv"}
+    outputs = {}
+    for args, comment in commands.items():
+        main(args.split())
+        outputs[args] = capsys.readouterr().out
+        for number in re.findall(r"\d[\d,./]*\d|\d", comment):  # every figure of the comment is printed
+            assert number in outputs[args], (args, number)
+    assert outputs["size --input 28 --kernel 3 --stride 2"].startswith("H' = 13 ")
+    table = outputs["params seed_mnist"]
+    for layer, count in (("features.0", "320"), ("features.3", "18,496"), ("classifier.1", "401,536"),
+                         ("classifier.3", "1,290")):
+        assert re.search(rf"^{re.escape(layer)}\s.*\s{count}\s", table, flags=re.M), layer
+    assert "Total params: 421,642" in table
+    demo = outputs["conv-demo"]
+    assert "[[4 3 4]\n [2 4 3]\n [2 3 4]]" in demo and "[[ 6  8]\n [14 16]]" in demo
+    dense = outputs["dense-vs-conv"]
+    assert "401,408" in dense and "77,070,336" in dense and "1,792" in dense
+    script = shutil.which("cnn-fundamentals", path=str(Path(PYTHON).parent))
+    assert script, "the cnn-fundamentals console script is not installed"
+    same = subprocess.run([script, "size", "--input", "28", "--kernel", "3", "--stride", "2"], capture_output=True,
+                          text=True, cwd=REPO)
+    assert same.returncode == 0 and same.stdout == outputs["size --input 28 --kernel 3 --stride 2"]

@@ -41,7 +41,34 @@ def test_bad_values_give_one_line(raw, message):
     assert "\n" not in text
 
 
-def test_stage_exits_2_with_one_line(tmp_path):
+STAGES = ["prepare", "augment", "train_scratch", "transfer_learn", "evaluate", "compare", "explain"]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_validates_all_params_first(tmp_path, monkeypatch, capsys, stage):
+    """A bad value in any section stops every stage (not only the ones that read it) before it reads data or
+    writes anything: one line, exit 2."""
+    import importlib
+    import signal
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"]["lr"] = -0.1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    module = importlib.import_module(f"pipeline.stages.{stage}")
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            module.main()
+    finally:  # stage_main installs its own signal handlers: pytest gets its own back
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: params.yaml: train.lr must be > 0.0 (got -0.1)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
+
+
+def test_stage_exits_2_with_one_line_from_the_command_line(tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["train"]["lr"] = -0.1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))

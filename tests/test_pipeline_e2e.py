@@ -83,17 +83,95 @@ def test_second_repro_reruns_nothing(repro):
 
 
 @pytest.mark.slow
-def test_evaluate_only_key_reruns_only_evaluate(repro):
-    repo, _ = repro
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["evaluate"]["top_k"] = 2
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+def test_evaluate_only_key_reruns_only_evaluate(repro, tmp_path):
+    repo = copy_of(repro[0], tmp_path / "repo", with_store=True)  # evaluate logs to the models' runs
+    edit_params(repo, evaluate={"top_k": 2})
     result = dvc(repo, "repro")
     assert result.returncode == 0 and ran(result) == ["evaluate"], result.stdout
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
     assert "top_2_accuracy" in metrics["seed_mnist"]
     shown = dvc(repo, "metrics", "show", "--json")
     assert shown.returncode == 0 and "top_2_accuracy" in shown.stdout
+
+
+@pytest.mark.slow
+def test_training_runs_carry_their_tags_and_augmentation(repro):
+    """Every training run is tied to its code (git commit, dirty flag), its data (hash), its DVC stage, and
+    carries the augmentation pipeline that ran and its preview."""
+    from mlflow import MlflowClient
+
+    repo, _ = repro
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    data_hash = json.loads((repo / "data/prepared/meta.json").read_text())["data_hash"]
+    scratch_id = json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
+    transfer = json.loads((repo / "metrics/transfer_learn.json").read_text())
+    runs = {"train_scratch": client.get_run(scratch_id),
+            "transfer_learn": client.get_run(transfer["saved_models"]["fine_tuning"]["mlflow_run_id"])}
+    for stage, run in runs.items():
+        tags = run.data.tags
+        assert tags["git_commit"] == head and tags["git_dirty"] == "false", stage
+        assert tags["data_hash"] == data_hash and tags["dvc_stage"] == stage and tags["stage"] == stage
+    saved = (repo / "data/augmented/pipeline.json").read_bytes()
+    logged = client.download_artifacts(scratch_id, "augmentation", str(repo.parent / "artifacts"))
+    assert (Path(logged) / "pipeline.json").read_bytes() == saved  # the pipeline that ran, as the stage saved it
+    assert (Path(logged) / "preview.png").read_bytes() == (repo / "plots/augment/preview.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_dvc_plots_show_renders_every_declared_plot(repro, tmp_path):
+    repo, _ = repro
+    result = dvc(repo, "plots", "show", "-o", str(tmp_path / "plots"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    html = (tmp_path / "plots" / "index.html").read_text()
+    declared = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    titles = [next(iter(p)) for p in declared if isinstance(p, dict)]
+    images = [p for p in declared if isinstance(p, str)]
+    for title in titles:  # the vega plots: curves, confusion matrix, crossover
+        assert title in html, title
+    for image in images:  # the figures, copied next to the page
+        name = "static/workspace_" + image.replace("/", "_")
+        assert f'src="{name}"' in html and (tmp_path / "plots" / name).stat().st_size > 1000, image
+    assert '"predicted"' in html and '"actual"' in html  # the confusion matrix's data is in the page
+
+
+@pytest.mark.slow
+def test_a_dvc_remote_round_trip_and_an_ablation_experiment(repro, tmp_path):
+    """The results committed as the baseline, pushed to a remote, cloned and pulled elsewhere: nothing reruns.
+    There, `dvc exp run -S augment.enabled=false` is an ablation that `dvc metrics diff` and `dvc params diff`
+    show against that baseline."""
+    from mlflow import MlflowClient
+
+    repo = copy_of(repro[0], tmp_path / "repo")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    assert dvc(repo, "remote", "add", "-d", "store", str(tmp_path / "remote")).returncode == 0
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)  # dvc.lock, metrics, plots, reports, .dvc/config
+    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=repo, check=True)
+    pushed = dvc(repo, "push")
+    assert pushed.returncode == 0, pushed.stderr[-2000:]
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
+    assert not (clone / "models/scratch/model.pt").exists()
+    pulled = dvc(clone, "pull")
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
+    for path in ("models/scratch/model.pt", "data/prepared/dataset.npz", "models/transfer/fine_tuning.pt"):
+        assert (clone / path).read_bytes() == (repo / path).read_bytes(), path
+    again = dvc(clone, "repro")
+    assert again.returncode == 0 and ran(again) == [], again.stdout
+    ablation = dvc(clone, "exp", "run", "train_scratch", "-n", "no-augment", "-S", "augment.enabled=false")
+    assert ablation.returncode == 0, ablation.stdout[-3000:] + ablation.stderr[-3000:]
+    assert ran(ablation) == ["augment", "train_scratch"]
+    params_diff = dvc(clone, "params", "diff", "--json").stdout
+    enabled = json.loads(params_diff)["params.yaml"]["augment.enabled"]
+    assert (enabled["old"], enabled["new"]) == (True, False)
+    diff = json.loads(dvc(clone, "metrics", "diff", "--json").stdout)["metrics/train_scratch.json"]
+    before = json.loads((repo / "metrics/train_scratch.json").read_text())
+    after = json.loads((clone / "metrics/train_scratch.json").read_text())
+    assert diff["final_train_loss"] == {"old": before["final_train_loss"], "new": after["final_train_loss"],
+                                        "diff": pytest.approx(after["final_train_loss"] - before["final_train_loss"])}
+    assert after["final_train_loss"] != before["final_train_loss"]
+    run = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}").get_run(after["mlflow_run_id"])
+    assert run.data.params["augment.enabled"] == "False" and run.data.tags["dvc_experiment"] == "no-augment"
 
 
 @pytest.mark.slow
@@ -114,12 +192,35 @@ def test_compare_has_one_parent_run_with_nested_runs(repro):
     assert compare["mlflow_parent_run_id"] == parents[0].info.run_id
 
 
+def copy_of(repro_repo: Path, dest: Path, with_store: bool = False) -> Path:
+    """A copy of the reproduced repository: with a new MLflow store, or with a copy of the store whose paths
+    are moved to the copy (a store copied as it is refuses to write into the original's tree)."""
+    import sqlite3
+
+    shutil.copytree(repro_repo, dest, symlinks=True,
+                    ignore=None if with_store else shutil.ignore_patterns("mlflow.db", "mlartifacts"))
+    if with_store:
+        old, new = repro_repo.as_posix(), dest.as_posix()
+        with sqlite3.connect(dest / "mlflow.db") as db:
+            tables = [r[0] for r in db.execute("select name from sqlite_master where type = 'table'")]
+            for table in tables:
+                for column in [c[1] for c in db.execute(f"pragma table_info('{table}')") if "CHAR" in c[2].upper()
+                               or "TEXT" in c[2].upper()]:
+                    db.execute(f"update '{table}' set \"{column}\" = replace(\"{column}\", ?, ?) "
+                               f"where \"{column}\" like ?", (old, new, f"%{old}%"))
+    return dest
+
+
+def edit_params(repo: Path, **sections) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section] |= values
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
 def copy_with_train(repro_repo: Path, dest: Path, **train) -> Path:
     """A copy of the reproduced repository (its own MLflow store) with params.train edited."""
-    shutil.copytree(repro_repo, dest, symlinks=True, ignore=shutil.ignore_patterns("mlflow.db", "mlartifacts"))
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["train"] |= train
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    edit_params(copy_of(repro_repo, dest), train=train)
     return dest
 
 

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from pipeline.params import AugmentParams, parse
-from tests.conftest import make_repo_copy, run_module
+from tests.conftest import ready_to_train, run_module
 
 
 def scratch_run(tmp_path, data, seed=0, epochs=2) -> dict:
@@ -96,24 +96,20 @@ def test_same_seed_same_metrics(tmp_path, monkeypatch, mlflow_store, tiny_prepar
     assert a[1][-1]["train_loss"] != c[1][-1]["train_loss"]
 
 
-def test_unreachable_store_fails_before_training(tmp_path):
-    repo = make_repo_copy(tmp_path / "repo")
-    assert run_module("pipeline.stages.prepare", repo).returncode == 0
-    assert run_module("pipeline.stages.augment", repo).returncode == 0
+def test_unreachable_store_fails_before_training(tmp_path, tiny_prepared):
+    repo = ready_to_train(tmp_path / "repo", tiny_prepared)
     result = run_module("pipeline.stages.train_scratch", repo, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: MLflow tracking server http://127.0.0.1:9 cannot be reached")
     assert not (repo / "models").exists()
 
 
-def test_impossible_layer_stack_stops_the_stage(tmp_path):
-    repo = make_repo_copy(tmp_path / "repo")
+def test_impossible_layer_stack_stops_the_stage(tmp_path, tiny_prepared):
+    repo = ready_to_train(tmp_path / "repo", tiny_prepared)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"]["preset"] = "custom"
     params["model"]["blocks"][2] |= {"stride": 8, "pool": "max"}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    for stage in ("prepare", "augment"):
-        assert run_module(f"pipeline.stages.{stage}", repo).returncode == 0
     result = run_module("pipeline.stages.train_scratch", repo)
     assert result.returncode == 2
     assert result.stderr.startswith("error: model block 3: max pool 2x2 does not fit its 1x1 input"), result.stderr

@@ -236,3 +236,48 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)
     assert len(children) == len(rows)
     assert (tmp_path / "plots/transfer_learn/crossover.png").stat().st_size > 5000
+
+
+def test_source_task_base_is_pretrained_and_reused_by_the_target_models(tmp_path, monkeypatch, mlflow_store,
+                                                                        tiny_prepared):
+    """weights: source_task pretrains the backbone on the source classes, and the target task's models start
+    from exactly those weights: the frozen one keeps them bit for bit, the fine-tuned one moves away from them."""
+    import json
+
+    from pipeline import params as params_mod
+    from pipeline.data import augment as aug
+    from pipeline.models import checkpoint
+    from pipeline.models.transfer import TransferNet
+    from pipeline.stages import transfer_learn
+
+    monkeypatch.chdir(tmp_path)
+    tiny_prepared.save(tmp_path / "data/prepared")
+    aug.save(aug.build(params_mod.AugmentParams(), 0))
+    bases = []
+    real_base_weights = transfer_learn.base_weights
+
+    def keep_base(*args, **kwargs):  # the real pretraining; the test keeps a copy of what it returns
+        out = real_base_weights(*args, **kwargs)
+        bases.append({k: v.clone() for k, v in out[0].items()})
+        return out
+
+    monkeypatch.setattr(transfer_learn, "base_weights", keep_base)
+    p = params_mod.parse({"transfer": {"backbone": "seed_mnist", "weights": "source_task", "image_size": 28,
+                                       "pretrain_epochs": 2, "strategies": ["feature_extraction", "fine_tuning"],
+                                       "target_per_class": [3], "seeds": 1, "steps": 3, "head_steps": 3,
+                                       "val_per_class": 2, "batch_size": 4}})
+    result = transfer_learn.run(p)
+    (base,) = bases
+    torch.manual_seed(0)
+    untrained = TransferNet("seed_mnist", 5, 16, 0.0, 28, 1).base.state_dict()
+    assert any(not torch.equal(base[k], untrained[k]) for k in base)  # pretraining changed the weights
+    frozen, meta = checkpoint.load(tmp_path / "models/transfer/feature_extraction.pt")
+    assert meta["class_ids"] == [5, 6, 7, 8, 9]  # the target task: the classes the base never saw
+    assert all(torch.equal(v, base[k]) for k, v in frozen.net.base.state_dict().items())
+    tuned, _ = checkpoint.load(tmp_path / "models/transfer/fine_tuning.pt")
+    tuned_base = tuned.net.base.state_dict()
+    assert any(not torch.equal(tuned_base[k], base[k]) for k in base if base[k].is_floating_point())
+    saved = json.loads((tmp_path / "metrics/transfer_learn.json").read_text())
+    assert saved["weights"] == "source_task" and saved["backbone"] == "seed_mnist"
+    assert saved["summary"] == json.loads(json.dumps(result["summary"]))
+    assert set(saved["summary"]["3"]) == {"feature_extraction", "fine_tuning"}

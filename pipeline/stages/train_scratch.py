@@ -89,7 +89,8 @@ def write_outputs(model: Classifier, spec, data: PreparedData, result: FitResult
         "best_val_loss": round(result.best_val_loss, 6), "final_train_acc": final.get("train_acc"),
         "final_train_loss": final.get("train_loss"), "epochs_run": result.epochs_run,
         "train_time_s": round(result.train_time_s, 2), "params_total": result.counts.get("total"),
-        "params_trainable": result.counts.get("trainable"), "mlflow_run_id": result.run_id,
+        "params_trainable": result.counts.get("trainable"), "world_size": result.world_size,
+        "mlflow_run_id": result.run_id,
     }
     with atomic_set() as stage:
         models = stage(MODEL_DIR, folder=True)

@@ -160,13 +160,13 @@ class MLflowTracking(pl.Callback):
         self._start = time.perf_counter()
         if is_rank_zero():
             with untouched_rng():  # logging must not shift the dropout masks of the training that follows
-                self._log_start(pl_module)
+                self._log_start(trainer, pl_module)
 
-    def _log_start(self, pl_module) -> None:
+    def _log_start(self, trainer, pl_module) -> None:
         from pipeline import tracking
 
         self.run_id = self.logger.run_id
-        tracking.log_params(self.run_id, self.spec.params)
+        tracking.log_params(self.run_id, self.spec.params | {"trainer.world_size": trainer.world_size})
         model = self.tracked(pl_module)
         self.counts = tracking.log_param_counts(self.run_id, model, self.spec.input_shape, self.spec.name,
                                                 net=getattr(model, "net", model), quiet=self.spec.quiet)

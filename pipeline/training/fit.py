@@ -60,6 +60,7 @@ class FitResult:
     counts: dict[str, int] = field(default_factory=dict)
     model_uri: str | None = None
     model_version: str | None = None  # the registered model's new version, when the run registered one
+    world_size: int = 1  # processes that trained (devices x nodes under DDP)
 
 
 def checkpoint_folder(key: str | None) -> tuple[Path, Path | None, str | None]:
@@ -118,7 +119,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: 
         epochs_run=len(recorder.rows), train_time_s=train_time,
         best_checkpoint=path if config.keep_checkpoint and path and path.exists() else None,
         counts=tracker.counts if tracker else {}, model_uri=tracker.model_uri if tracker else None,
-        model_version=tracker.model_version if tracker else None,
+        model_version=tracker.model_version if tracker else None, world_size=trainer.world_size,
     )
 
 

@@ -1,0 +1,148 @@
+"""Every training option params.yaml offers takes effect: a tiny run each, read back from what the training did
+(the learning rate of every step, the optimizer, the gradient norm at each step, the epochs run)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from pipeline.models.classifier import Classifier
+from pipeline.models.cnn import CNN, spec_from_params
+from pipeline.params import parse
+from pipeline.training.fit import FitConfig, fit, seed_all
+from pipeline.training.module import ClassifierModule, OptimConfig
+from pipeline.training.trainer import build_trainer, resolve_precision
+
+STEPS_PER_EPOCH = 3  # 120 training digits (12 per class), batch 32, last partial batch dropped
+
+
+class Probe(pl.Callback):
+    """What the training did: the lr each step ran with, the optimizer, the gradient norm the optimizer saw."""
+
+    def __init__(self) -> None:
+        self.lrs: list[float] = []
+        self.grad_norms: list[float] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.optimizer = trainer.optimizers[0]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+
+        def after_step(_optimizer, _args, _kwargs) -> None:  # the gradients the update used (clipped)
+            norms = [p.grad.norm() for p in params if p.grad is not None]
+            self.grad_norms.append(float(torch.linalg.vector_norm(torch.stack(norms))))
+
+        self.optimizer.register_step_post_hook(after_step)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def tiny_fit(tmp_path, monkeypatch, data, epochs: int = 4, **train):
+    """One training from a params.train section (tiny data, batch 32), like train_scratch builds it."""
+    from pipeline.data.datamodule import ImageDataModule
+
+    monkeypatch.chdir(tmp_path)  # checkpoints under .cache/
+    p = parse({"train": {"epochs": epochs, "batch_size": 32, "warmup_epochs": 0} | train})
+    seed_all(0)
+    model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), data.mean, data.std, 1)
+    module = ClassifierModule(model, 10, OptimConfig.from_params(p.train))
+    dm = ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val")}, 32, 0, 0)
+    probe = Probe()
+    result = fit(module, dm, FitConfig.from_params(p.train, p.trainer, quiet=True, callbacks=(probe,)))
+    return probe, result, module
+
+
+def test_schedulers_shape_the_learning_rate(tmp_path, monkeypatch, tiny_prepared):
+    lr, total = 0.001, 4 * STEPS_PER_EPOCH
+
+    none, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, scheduler="none")
+    assert none.lrs == [lr] * total
+
+    cosine, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, scheduler="cosine")
+    assert cosine.lrs == pytest.approx([lr * 0.5 * (1 + math.cos(math.pi * k / total)) for k in range(total)])
+
+    warm, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, scheduler="cosine", warmup_epochs=1)
+    assert warm.lrs[:3] == pytest.approx([lr / 3, 2 * lr / 3, lr])  # linear warm-up over one epoch
+    assert warm.lrs[3:] == pytest.approx([lr * 0.5 * (1 + math.cos(math.pi * k / (total - 3)))
+                                          for k in range(total - 3)])
+
+    step, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, scheduler="step", step_size=1, gamma=0.5)
+    assert step.lrs == pytest.approx([lr * 0.5 ** (k // STEPS_PER_EPOCH) for k in range(total)])
+
+    onecycle, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, scheduler="onecycle", warmup_epochs=1)
+    peak = onecycle.lrs.index(max(onecycle.lrs))
+    assert max(onecycle.lrs) == pytest.approx(lr, rel=0.02) and 0 < peak < total - 1
+    assert onecycle.lrs[0] < lr / 10 and onecycle.lrs[-1] < lr / 100  # up, then down
+
+    # plateau: at a learning rate too small to change any prediction, val_acc stalls and the lr is cut
+    plateau, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, scheduler="plateau", lr=1e-6, step_size=2,
+                             gamma=0.5, epochs=5)
+    assert plateau.lrs[0] == 1e-6 and plateau.lrs[-1] == pytest.approx(0.5e-6)
+
+
+@pytest.mark.parametrize(("name", "cls"), [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                           ("sgd", torch.optim.SGD)])
+def test_optimizers_are_the_ones_named(tmp_path, monkeypatch, tiny_prepared, name, cls):
+    probe, result, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, epochs=1, optimizer=name, weight_decay=0.01)
+    assert type(probe.optimizer) is cls
+    group = probe.optimizer.param_groups[0]
+    assert group["weight_decay"] == 0.01
+    if name == "sgd":
+        assert group["momentum"] == 0.9 and group["nesterov"] is True
+    assert math.isfinite(result.rows[-1]["train_loss"])
+
+
+def test_label_smoothing_reaches_the_loss(tiny_prepared):
+    p = parse({"train": {"label_smoothing": 0.1}})
+    model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), tiny_prepared.mean, tiny_prepared.std, 1)
+    module = ClassifierModule(model, 10, OptimConfig.from_params(p.train))
+    logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(8)
+    log_p = torch.log_softmax(logits, dim=1)
+    by_hand = (0.9 * -log_p[torch.arange(8), y] + 0.1 * -log_p.mean(dim=1)).mean()  # (1-e) CE + e uniform
+    assert float(module.loss_fn(logits, y)) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(by_hand) != pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-3)
+
+
+def test_gradient_clipping_caps_every_steps_gradient_norm(tmp_path, monkeypatch, tiny_prepared):
+    free, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, epochs=2)
+    clipped, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, epochs=2, gradient_clip_val=0.05)
+    assert len(clipped.grad_norms) == 2 * STEPS_PER_EPOCH
+    assert min(free.grad_norms) > 0.05  # unclipped, the norms are larger than the cap ...
+    assert max(clipped.grad_norms) <= 0.05 * (1 + 1e-4)  # ... and clipping holds every step to it
+
+
+def test_early_stopping_stops_when_the_monitor_stalls(tmp_path, monkeypatch, tiny_prepared):
+    stall = {"lr": 1e-9, "scheduler": "none"}  # too small to change a prediction: val_acc never improves
+    _, stopped, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, epochs=8,
+                             early_stopping={"enabled": True, "patience": 2}, **stall)
+    assert stopped.epochs_run == 3  # the best epoch, then two without improvement
+    _, full, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, epochs=4,
+                          early_stopping={"enabled": False, "patience": 2}, **stall)
+    assert full.epochs_run == 4
+
+
+@pytest.mark.parametrize(("cuda", "bf16", "accelerator", "expected"), [
+    (False, False, "auto", "32-true"),   # the CPU: full precision
+    (True, True, "auto", "bf16-mixed"),  # an Ampere-or-newer GPU
+    (True, False, "auto", "16-mixed"),   # an older GPU
+    (True, True, "cpu", "32-true"),      # a GPU present but the CPU asked for
+    (True, True, "gpu", "bf16-mixed"),
+])
+def test_precision_auto_resolves_per_device(monkeypatch, cuda, bf16, accelerator, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert resolve_precision("auto", accelerator) == expected
+    assert resolve_precision("16-mixed", accelerator) == "16-mixed"  # an explicit value is kept
+
+
+def test_the_trainer_on_this_cpu_runs_in_full_precision(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU path")
+    p = parse({})
+    trainer, _, _ = build_trainer(FitConfig(p.trainer, 1, quiet=True), tmp_path)
+    assert trainer.precision == "32-true" and trainer.accelerator.__class__.__name__ == "CPUAccelerator"

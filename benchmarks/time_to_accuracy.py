@@ -54,11 +54,11 @@ class TestAccuracy(pl.Callback):
               f"of training", flush=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="mnist_full")
     parser.add_argument("--target", type=float, default=0.992)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     p = params_mod.with_profile(args.profile, REPO / "params.yaml")
     raw_dir = (REPO / p.data.raw_dir).resolve()  # reuse the repository's downloaded files
     p = p.model_copy(update={"data": p.data.model_copy(update={"raw_dir": str(raw_dir)})})

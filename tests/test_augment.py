@@ -117,3 +117,40 @@ def test_augment_stage_saves_the_pipeline_its_params_describe_and_logs_it(tmp_pa
     assert A.to_dict(aug.load(logged)) == A.to_dict(saved)  # the logged pipeline is the saved one
     assert {"augmentation/pipeline.json", "augmentation/preview.png"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "augmentation")}
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_in_memory_loader_gives_the_dataloaders_batches(tiny_prepared, augmented, shuffle):
+    """make_loader's in-process fast path yields, epoch after epoch, exactly the batches torch's DataLoader
+    yields with the same seed (so switching between them changes no metric)."""
+    from torch.utils.data import DataLoader
+
+    from pipeline.data.datamodule import ImageDataset, InMemoryLoader, collate, make_loader
+
+    def dataset():
+        return ImageDataset(tiny_prepared.x["train"], tiny_prepared.y["train"],
+                            default_pipeline(7, affine_p=1.0) if augmented else None)
+
+    fast = make_loader(dataset(), 16, shuffle, 0, seed=3)
+    assert isinstance(fast, InMemoryLoader)
+    reference = DataLoader(dataset(), batch_size=16, shuffle=shuffle, generator=torch.Generator().manual_seed(3),
+                           drop_last=shuffle, collate_fn=collate)
+    assert len(fast) == len(reference)
+    for _ in range(2):  # two epochs: the generator advances the same way
+        got, want = list(fast), list(reference)
+        assert len(got) == len(want)
+        for (x, y), (rx, ry) in zip(got, want, strict=True):
+            assert torch.equal(x, rx) and torch.equal(y, ry)
+
+
+def test_in_memory_loader_over_tensors():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data.datamodule import make_loader
+
+    data = TensorDataset(torch.arange(50.0).reshape(25, 2), torch.arange(25))
+    fast = make_loader(data, 4, True, 0, seed=1)
+    reference = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1), drop_last=True)
+    for (x, y), (rx, ry) in zip(fast, reference, strict=True):
+        assert torch.equal(x, rx) and torch.equal(y, ry)

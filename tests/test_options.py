@@ -146,3 +146,20 @@ def test_the_trainer_on_this_cpu_runs_in_full_precision(tmp_path):
     p = parse({})
     trainer, _, _ = build_trainer(FitConfig(p.trainer, 1, quiet=True), tmp_path)
     assert trainer.precision == "32-true" and trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_channels_last_lays_out_the_convolutions(tmp_path, monkeypatch, tiny_prepared, channels_last):
+    from pipeline.data.datamodule import ImageDataModule
+
+    monkeypatch.chdir(tmp_path)
+    p = parse({"trainer": {"channels_last": channels_last}, "train": {"epochs": 1, "batch_size": 32, "warmup_epochs": 0}})
+    model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), tiny_prepared.mean, tiny_prepared.std, 1)
+    dm = ImageDataModule({s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}, 32, 0, 0)
+    fit(ClassifierModule(model, 10, OptimConfig.from_params(p.train)), dm, FitConfig.from_params(p.train, p.trainer,
+                                                                                                 quiet=True))
+    weight = model.net.features[3].weight  # the second convolution: 64 x 32 x 3 x 3
+    assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert weight.is_contiguous() != channels_last
+    x = torch.rand(2, 1, 28, 28)
+    assert model.eval()(x).shape == (2, 10)  # the model still takes plain NCHW images

@@ -73,6 +73,14 @@ def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
     return pick(validated, key=lambda r: r[monitor])
 
 
+class ChannelsLast(pl.Callback):
+    """The model's convolution weights in NHWC (channels-last) layout when fitting starts: convolutions then
+    run, and return activations, in that layout whatever the input's (the oneDNN and cuDNN rule)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.to(memory_format=torch.channels_last)
+
+
 class StopOnNonFinite(pl.Callback):
     """A diverged training stops with one line (which epoch, which metric) instead of publishing a NaN model."""
 

@@ -170,7 +170,8 @@ def feature_cache(quick: bool):
     def cached() -> float:
         m = model()
         start = time.perf_counter()
-        feats = {k: extract_features(m, v[0]) for k, v in (("train", train), ("val", val))}
+        feats = {k: extract_features(m, v[0], channels_last=defaults().trainer.channels_last)
+                 for k, v in (("train", train), ("val", val))}
         dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])), (feats["val"], torch.as_tensor(val[1])),
                               tp.batch_size, 0)
         fit(ClassifierModule(HeadOnly(m.net.head), 10, OptimConfig.from_params(lr=tp.lr, scheduler="none",

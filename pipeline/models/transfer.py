@@ -126,11 +126,15 @@ class HeadOnly(nn.Module):
 
 @torch.no_grad()
 def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 256,
-                     device: torch.device | None = None) -> torch.Tensor:
+                     device: torch.device | None = None, channels_last: bool = True) -> torch.Tensor:
     """The frozen base's pooled features of uint8 (N, H, W, C) images, through the model's own preprocessing
-    (channels, resize, normalization): what the head sees, computed once."""
+    (channels, resize, normalization): what the head sees, computed once. `channels_last` (params.trainer):
+    the convolutions in NHWC layout, as in training (EfficientNet-Lite0 at 64 px: 1.65 s -> 1.0 s for 400
+    images on 2 cores)."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0

@@ -74,7 +74,8 @@ def sweep(s: Setup) -> tuple[list[dict], dict]:
         print(f"transfer_learn: caching {tp.backbone} features of {sum(len(v[1]) for v in splits.values())} "
               "images", flush=True)
         frozen, device = s.new_model(with_base=True), device_for(s.p.trainer.accelerator)
-        s.features = {k: extract_features(frozen, v[0], device=device) for k, v in splits.items()}
+        s.features = {k: extract_features(frozen, v[0], device=device, channels_last=s.p.trainer.channels_last)
+                      for k, v in splits.items()}
     rows, saved = [], {}
     val_n = min(tp.val_per_class, int(np.bincount(splits["val"][1]).min()))
     for n in tp.target_per_class:

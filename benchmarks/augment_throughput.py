@@ -1,5 +1,6 @@
 """Train-loader throughput (images/s) with and without the albumentations pipeline, and its cost per image,
-on 28x28 grayscale and 224x224 RGB, at the default num_workers."""
+on 28x28 grayscale and 224x224 RGB, at the default num_workers; then what each transform of the pipeline
+costs per image, alone and inside the Compose (at its own probability), against the Compose as a whole."""
 
 from __future__ import annotations
 
@@ -26,6 +27,28 @@ def images_per_second(x: np.ndarray, transform, workers: int, batch: int, epochs
     return n / (time.perf_counter() - start)
 
 
+def per_image_us(call, images: np.ndarray, n: int = 3000) -> float:
+    call(images[0])  # warm-up
+    start = time.perf_counter()
+    for i in range(n):
+        call(images[i % len(images)])
+    return (time.perf_counter() - start) / n * 1e6
+
+
+def per_transform(transform, images: np.ndarray) -> None:
+    import albumentations as A
+
+    print(f"{'Compose (all)':>26}: {per_image_us(lambda im: transform(image=im), images):6.1f} us/image")
+    empty = A.Compose([], seed=0)
+    print(f"{'Compose (empty)':>26}: {per_image_us(lambda im: empty(image=im), images):6.1f} us/image")
+    for t in transform.transforms:
+        inside = A.Compose([t], seed=0)
+        always = type(t)(**t.get_transform_init_args())
+        always.p = 1.0
+        print(f"{type(t).__name__:>20} p={t.p:<4}: {per_image_us(lambda im, c=inside: c(image=im), images):6.1f} "
+              f"us/image in a Compose; {per_image_us(lambda im, a=always: a(image=im), images):6.1f} us when applied")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     params = load()  # the project's params.yaml: its augmentation and its default num_workers
@@ -41,6 +64,10 @@ def main() -> None:
         cost_us = (1 / augmented - 1 / plain) * 1e6
         print(f"{name:>10}: without {plain:9.0f} img/s | with {augmented:9.0f} img/s | "
               f"ratio with/without {augmented / plain:.3f} | augmentation {cost_us:.0f} us/image")
+    print("28x28x1 digits, per transform:")
+    from pipeline.data.sources import load_embedded
+
+    per_transform(transform, load_embedded(28, 1).images[:500])
 
 
 if __name__ == "__main__":

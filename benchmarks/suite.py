@@ -90,7 +90,8 @@ def lightning_step(quick: bool):
         optim = OptimConfig.from_params(p.train)
         groups = [{"params": list(model.parameters()), "lr": optim.lr}]
         opt = OPTIMIZERS[optim.optimizer](groups, optim)
-        schedule = SCHEDULERS[optim.scheduler](opt, groups, Steps(steps, len(dm.train_dataloader()), optim))
+        # One epoch of `steps` steps, as the module computes it for the Lightning run (limit_train_batches=steps)
+        schedule = SCHEDULERS[optim.scheduler](opt, groups, Steps(steps, steps, optim))
         scheduler = schedule["lr_scheduler"]["scheduler"]
         loss_fn = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
         model.train()

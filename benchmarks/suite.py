@@ -195,7 +195,7 @@ def feature_cache(quick: bool):
 def in_memory_loader(quick: bool):
     p = defaults()
     x, y = splits()["train"]
-    epochs = 10 if quick else 30  # an epoch takes milliseconds: enough of them to measure
+    epochs = 100 if quick else 300  # an epoch takes about a millisecond: enough of them to measure
     dm = ImageDataModule(splits(), p.train.batch_size, p.trainer.num_workers, 0)
     tensor = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
     labels = torch.as_tensor(y)
@@ -214,7 +214,8 @@ def in_memory_loader(quick: bool):
             order = torch.randperm(len(tensor), generator=g)
             for i in range(0, len(order) - p.train.batch_size + 1, p.train.batch_size):
                 batch = order[i : i + p.train.batch_size]
-                images, _ = tensor[batch], labels[batch]
+                # index_select: the fastest way to index here (tensor[batch] takes 4x as long)
+                images, _ = torch.index_select(tensor, 0, batch), torch.index_select(labels, 0, batch)
                 n += len(images)
         return n / (time.perf_counter() - start)
 

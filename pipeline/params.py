@@ -233,6 +233,9 @@ class TrainerParams(Section):
     deterministic: bool = True
     # NHWC memory layout for convolution weights (and so activations): faster convolutions, same model.
     channels_last: bool = True
+    # The augmentation pipeline's transforms on whole batches as tensor operations (the same transforms, ranges
+    # and probabilities; each image its own draw); false: albumentations image by image.
+    batched_augment: bool = True
 
 
 class MlflowParams(Section):

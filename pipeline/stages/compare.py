@@ -75,7 +75,8 @@ def train_one(name: str, data: PreparedData, transform, parent_id: str, p) -> di
                else f"{c.epochs} epochs from scratch at {size}px")
     model = Classifier(arch.build(data.num_classes, size, channels), data.mean, data.std, channels)
     splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
-    datamodule = ImageDataModule(splits, c.batch_size, p.trainer.num_workers, p.seed, transform, size)
+    datamodule = ImageDataModule(splits, c.batch_size, p.trainer.num_workers, p.seed, transform, size,
+                                p.trainer.batched_augment)
     run = RunSpec(p.mlflow.experiment, f"compare/{name}", tracking.run_tags("compare", name, data.data_hash),
                   {"architecture": name, "image_size": size, "epochs": c.epochs, "lr": c.lr, "batch_size": c.batch_size},
                   (channels, size, size), artifacts=aug.artifacts(), log_model=False, parent_id=parent_id,

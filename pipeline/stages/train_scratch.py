@@ -57,7 +57,8 @@ def run(p: params_mod.Params, extra_callbacks: list | None = None) -> dict:
     net = CNN(spec, data.channels, data.image_size, data.num_classes)  # impossible stacks fail here
     model = Classifier(net, data.mean, data.std, data.channels)
     splits, transform = training_splits(data, transform)
-    datamodule = ImageDataModule(splits, t.batch_size, p.trainer.num_workers, p.seed, transform)
+    datamodule = ImageDataModule(splits, t.batch_size, p.trainer.num_workers, p.seed, transform,
+                                 batched=p.trainer.batched_augment)
     logged = params_mod.flatten({"seed": p.seed, "data": p.data, "augment": p.augment, "model": m, "train": t,
                                  "trainer": p.trainer})
     logged |= {"model.resolved": str(spec.to_dict())[:5000], "data.num_classes": data.num_classes}

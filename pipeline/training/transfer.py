@@ -112,7 +112,7 @@ def _source_task(p, data, arch, channels, transform):
                   tracking.run_tags("transfer_learn", tp.backbone, data.data_hash) | {"strategy": "pretrain_source"},
                   params_mod.flatten({"transfer": tp}), (channels, tp.image_size, tp.image_size), log_model=False)
     dm = ImageDataModule(class_subset(data, tp.source_classes), tp.batch_size, p.trainer.num_workers, p.seed,
-                         transform)
+                         transform, batched=p.trainer.batched_augment)
     fit(ClassifierModule(model, len(tp.source_classes), optim(tp.lr)), dm,
         FitConfig(p.trainer, tp.pretrain_epochs, label="pretrain "), run)
     return net.base.state_dict(), tuple(data.mean), tuple(data.std)
@@ -197,7 +197,8 @@ def _train_images(s: Setup, pt: Point, strategy: str, model: Classifier, config:
     if s.transform is not None:  # every training draws its own augmentations, whatever ran before it
         s.transform.set_random_seed(s.p.seed + pt.seed)
     dm = ImageDataModule({"train": (x[pt.train], y[pt.train]), "val": (xv[pt.val], yv[pt.val])}, tp.batch_size,
-                         s.p.trainer.num_workers, s.p.seed + pt.seed, s.transform)
+                         s.p.trainer.num_workers, s.p.seed + pt.seed, s.transform,
+                         batched=s.p.trainer.batched_augment)
     size = model.input_size or s.data.image_size
     fit_config = _config(s, pt, steps)
     result = fit(ClassifierModule(model, len(s.classes), config), dm, fit_config,

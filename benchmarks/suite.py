@@ -173,6 +173,7 @@ def feature_cache(quick: bool):
         start = time.perf_counter()
         feats = {k: extract_features(m, v[0], channels_last=defaults().trainer.channels_last)
                  for k, v in (("train", train), ("val", val))}
+        m.net.head.train()  # extraction put the model in eval mode; the stage trains a fresh model's head
         dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])), (feats["val"], torch.as_tensor(val[1])),
                               tp.batch_size, 0)
         fit(ClassifierModule(HeadOnly(m.net.head), 10, OptimConfig.from_params(lr=tp.lr, scheduler="none",

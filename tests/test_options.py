@@ -90,7 +90,7 @@ def test_optimizers_are_the_ones_named(tmp_path, monkeypatch, tiny_prepared, nam
     probe, result, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, epochs=1, optimizer=name, weight_decay=0.01)
     assert type(probe.optimizer) is cls
     group = probe.optimizer.param_groups[0]
-    assert group["weight_decay"] == 0.01
+    assert group["weight_decay"] == 0.01 and group["fused"] is True  # one kernel per step on the CPU
     if name == "sgd":
         assert group["momentum"] == 0.9 and group["nesterov"] is True
     assert math.isfinite(result.rows[-1]["train_loss"])

@@ -125,13 +125,15 @@ class HeadOnly(nn.Module):
 
 
 @torch.no_grad()
-def extract_features(model: nn.Module, images: np.ndarray, batch_size: int = 256,
+def extract_features(model: nn.Module, images: np.ndarray, batch_size: int | None = None,
                      device: torch.device | None = None, channels_last: bool = True) -> torch.Tensor:
     """The frozen base's pooled features of uint8 (N, H, W, C) images, through the model's own preprocessing
     (channels, resize, normalization): what the head sees, computed once. `channels_last` (params.trainer):
     the convolutions in NHWC layout, as in training (EfficientNet-Lite0 at 64 px: 1.65 s -> 1.0 s for 400
-    images on 2 cores)."""
+    images on 2 cores). Batches of 32 on the CPU, where a batch's activations then stay in cache (400 images:
+    1.0 s at 256, 0.56 s at 64, 0.40 s at 32, 0.44 s at 16), 256 on a GPU."""
     device = device or torch.device("cpu")
+    batch_size = batch_size or (32 if device.type == "cpu" else 256)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

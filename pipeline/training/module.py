@@ -123,11 +123,19 @@ class ClassifierModule(pl.LightningModule):
 
 
 # ---------------------------------------------------------------------------------------------- tables
+def _fused(groups: list[dict]) -> bool:
+    """torch's fused (one-kernel) update where it has one: float parameters on the CPU or a CUDA GPU. On the
+    CPU it halves Adam's step (seed CNN: 780 -> 350 us per step; benchmarks/README.md)."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 OPTIMIZERS = {
-    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay),
-    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay),
+    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, fused=_fused(groups)),
+    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay,
+                                                 fused=_fused(groups)),
     "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                                             nesterov=True),
+                                             nesterov=True, fused=_fused(groups)),
 }
 
 

@@ -163,3 +163,38 @@ def test_channels_last_lays_out_the_convolutions(tmp_path, monkeypatch, tiny_pre
     assert weight.is_contiguous() != channels_last
     x = torch.rand(2, 1, 28, 28)
     assert model.eval()(x).shape == (2, 10)  # the model still takes plain NCHW images
+
+
+@pytest.mark.slow
+def test_compile_trains_the_same_model_through_torch_compile(tmp_path, monkeypatch, tiny_prepared):
+    """trainer.compile: the steps run through torch.compile (dynamo compiles graphs), the losses are the eager
+    run's, and afterwards the model is the plain one (same state_dict keys, picklable for MLflow)."""
+    import io
+
+    from torch._dynamo.utils import counters
+
+    from pipeline.data.datamodule import ImageDataModule
+
+    monkeypatch.chdir(tmp_path)
+    small = {"preset": "custom", "dense": [], "blocks": [
+        {"filters": 4, "kernel_size": 3, "padding": "same", "stride": 1, "batch_norm": False, "pool": "max"}]}
+
+    def run(compile_: bool):
+        p = parse({"train": {"epochs": 2, "batch_size": 32, "warmup_epochs": 0}, "model": small,
+                   "trainer": {"compile": compile_}})
+        seed_all(0)
+        model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), tiny_prepared.mean, tiny_prepared.std, 1)
+        module = ClassifierModule(model, 10, OptimConfig.from_params(p.train))
+        dm = ImageDataModule({s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}, 32, 0, 0)
+        return module, fit(module, dm, FitConfig.from_params(p.train, p.trainer, quiet=True))
+
+    eager_module, eager = run(False)
+    graphs = counters["stats"]["unique_graphs"]
+    module, compiled = run(True)
+    assert counters["stats"]["unique_graphs"] > graphs  # dynamo compiled the forward
+    assert "compiled" not in module.__dict__ and module.net() is module.model
+    assert module.state_dict().keys() == eager_module.state_dict().keys()
+    torch.save(module.model, io.BytesIO())  # the plain model, as MLflow pickles it
+    for got, want in zip(compiled.rows, eager.rows, strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-4)
+        assert got["val_acc"] == pytest.approx(want["val_acc"], abs=1e-6)

@@ -81,6 +81,20 @@ class ChannelsLast(pl.Callback):
         pl_module.to(memory_format=torch.channels_last)
 
 
+class CompileModel(pl.Callback):
+    """trainer.compile: the model's training and validation forward passes through torch.compile while it fits.
+
+    The compiled wrapper lives beside the model, not in it: checkpoints, the logged model and everything after
+    the fit see the plain model (same weights). The first steps pay the compilation (the seed CNN on 2 CPU cores:
+    24 s, then 2x slower steps than eager: off by default; benchmarks/README.md)."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.__dict__["compiled"] = torch.compile(pl_module.model)  # bypasses nn.Module registration
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        pl_module.__dict__.pop("compiled", None)
+
+
 class StopOnNonFinite(pl.Callback):
     """A diverged training stops with one line (which epoch, which metric) instead of publishing a NaN model."""
 

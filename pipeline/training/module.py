@@ -71,9 +71,13 @@ class ClassifierModule(pl.LightningModule):
         self.train()
         self._sums = torch.zeros(3, device=self.device)  # this epoch's loss x images, correct, images
 
+    def net(self) -> nn.Module:
+        """What trains: the model, or its torch.compile wrapper while a fit with trainer.compile runs."""
+        return self.__dict__.get("compiled", self.model)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
-        logits = self.model(x)
+        logits = self.net()(x)
         loss = self.loss_fn(logits, y)
         # The epoch's loss and accuracy add up in three numbers; Lightning's logging runs once, at the epoch's
         # last batch: each self.log call costs about half a millisecond (benchmarks: lightning_step).
@@ -88,7 +92,7 @@ class ClassifierModule(pl.LightningModule):
 
     def validation_step(self, batch, _batch_idx):
         x, y = batch
-        logits = self.model(x)
+        logits = self.net()(x)
         self._log_epoch("val", self.loss_fn(logits, y), (logits.argmax(dim=1) == y).float().mean(), len(y))
 
     def _log_epoch(self, split: str, loss: torch.Tensor, accuracy: torch.Tensor, batch_size: int) -> None:

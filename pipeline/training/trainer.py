@@ -12,7 +12,7 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
 from pipeline.errors import PipelineError
-from pipeline.training.callbacks import MONITOR_MODES, ChannelsLast, EpochRecorder
+from pipeline.training.callbacks import MONITOR_MODES, ChannelsLast, CompileModel, EpochRecorder
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -51,7 +51,8 @@ def build_trainer(config, checkpoint_dir: Path, logger=None, callbacks: list | N
     mode = MONITOR_MODES[config.monitor]
     checkpoint = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=config.monitor, mode=mode,
                                  save_top_k=1, save_last=True, enable_version_counter=False)
-    callbacks = [recorder, *(callbacks or []), checkpoint, *([ChannelsLast()] if tp.channels_last else [])]
+    callbacks = [recorder, *(callbacks or []), checkpoint, *([ChannelsLast()] if tp.channels_last else []),
+                 *([CompileModel()] if tp.compile else [])]
     if config.patience:
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
     if show_bar:

@@ -44,8 +44,11 @@ def test_train_loader_augments_and_val_does_not(tiny_prepared):
     geometric = default_pipeline(affine_p=1.0, rotation_range=30, brightness=0, contrast=0, coarse_dropout={"p": 0})
     dm = ImageDataModule(splits(tiny_prepared), 16, 0, 0, geometric)
     plain = ImageDataModule(splits(tiny_prepared), 16, 0, 0, None)
-    (train_x, train_y), (plain_x, plain_y) = next(iter(dm.train_dataloader())), next(iter(plain.train_dataloader()))
-    assert torch.equal(train_y, plain_y)  # same samples, same order
+    augmented_epoch, plain_epoch = list(dm.train_dataloader()), list(plain.train_dataloader())
+    assert [len(y) for _, y in augmented_epoch] == [len(y) for _, y in plain_epoch] == [16] * (len(plain_epoch))
+    assert torch.equal(torch.cat([y for _, y in augmented_epoch]), torch.cat([y for _, y in plain_epoch]))
+    (train_x, train_y), (plain_x, plain_y) = augmented_epoch[0], plain_epoch[0]
+    assert torch.equal(train_y, plain_y)  # same samples, same order, batch after batch
     for augmented, original in zip(train_x, plain_x, strict=True):
         assert not torch.equal(augmented, original)  # every sample changed (affine_p=1.0)
         # ... by a geometric transform of the same digit, not replaced by another image: most ink stays

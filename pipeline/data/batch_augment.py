@@ -73,53 +73,53 @@ class _Affine(_Step):
         self.translate_percent = t.translate_percent and (_range(t.translate_percent["x"]),
                                                           _range(t.translate_percent["y"]))
 
-    def matrices(self, n: int, height: int, width: int, g: torch.Generator) -> np.ndarray:
-        """(n, 3, 3) forward matrices in pixel coordinates, float64 (numpy: dozens of tiny operations)."""
+    def draw(self, n: int, height: int, width: int, g: torch.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """n draws as albumentations makes them: the linear part L = shear @ rotate @ scale, (n, 2, 2), and the
+        shift in whole pixels (albumentations truncates translate_percent * size), (n, 2); float64."""
         if self.translate_px:
-            tx = np.stack([torch.randint(int(lo), int(hi) + 1, (n,), generator=g).double().numpy()
-                           for lo, hi in self.translate_px])
-        elif self.translate_percent:  # albumentations truncates the shift to whole pixels (int())
-            tx = np.stack([np.trunc(_uniform(n, r, g) * size)
-                           for r, size in zip(self.translate_percent, (width, height), strict=True)])
+            shift = np.stack([torch.randint(int(lo), int(hi) + 1, (n,), generator=g).double().numpy()
+                              for lo, hi in self.translate_px], -1)
+        elif self.translate_percent:
+            shift = np.stack([np.trunc(_uniform(n, r, g) * size)
+                              for r, size in zip(self.translate_percent, (width, height), strict=True)], -1)
         else:
-            tx = np.zeros((2, n))
-        shear = np.deg2rad(np.stack([-_uniform(n, r, g) for r in self.shear]))
-        scale = np.stack([_uniform(n, r, g) for r in self.scale])
+            shift = np.zeros((n, 2))
+        shear_x, shear_y = (np.tan(np.deg2rad(-_uniform(n, r, g))) for r in self.shear)
+        scale_x, scale_y = (_uniform(n, r, g) for r in self.scale)
         if self.keep_ratio:
-            scale[1] = scale[0]
+            scale_y = scale_x
         angle = np.deg2rad(_uniform(n, self.rotate, g) % 360)
-
-        def batch(*rows) -> np.ndarray:  # 2x3 rows of scalars or (n,) arrays -> (n, 3, 3)
-            m = np.zeros((n, 3, 3))
-            m[:, 2, 2] = 1.0
-            for i, row in enumerate(rows):
-                for j, value in enumerate(row):
-                    m[:, i, j] = value
-            return m
-
-        cx, cy = width / 2 - 0.5, height / 2 - 0.5
         cos, sin = np.cos(angle), np.sin(angle)
-        to_centre = batch((1, 0, -cx), (0, 1, -cy))
-        scaling = batch((scale[0], 0, 0), (0, scale[1], 0))
-        rotation = batch((cos, sin, 0), (-sin, cos, 0))
-        shearing = batch((1, np.tan(shear[0]), 0), (np.tan(shear[1]), 1, 0))
-        translation = batch((1, 0, tx[0]), (0, 1, tx[1]))
-        back = batch((1, 0, cx), (0, 1, cy))
-        return back @ translation @ shearing @ rotation @ scaling @ to_centre
+        rs = np.array([[cos * scale_x, sin * scale_y], [-sin * scale_x, cos * scale_y]])  # rotate @ scale
+        linear = np.array([[rs[0, 0] + shear_x * rs[1, 0], rs[0, 1] + shear_x * rs[1, 1]],
+                           [shear_y * rs[0, 0] + rs[1, 0], shear_y * rs[0, 1] + rs[1, 1]]])
+        return linear.transpose(2, 0, 1), shift
+
+    def matrices(self, n: int, height: int, width: int, g: torch.Generator) -> np.ndarray:
+        """(n, 3, 3) forward matrices in pixel coordinates: albumentations' create_affine_transformation_matrix,
+        shift_back @ translate @ shear @ rotate @ scale @ shift_to_centre, i.e. p -> L (p - c) + c + t."""
+        linear, shift = self.draw(n, height, width, g)
+        centre = np.array([width / 2 - 0.5, height / 2 - 0.5])
+        m = np.zeros((n, 3, 3))
+        m[:, :2, :2], m[:, 2, 2] = linear, 1.0
+        m[:, :2, 2] = centre + shift - linear @ centre
+        return m
 
     def apply(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n, _, height, width = x.shape
-        inverse = np.linalg.inv(self.matrices(n, height, width, g))[:, :2]  # output pixel -> input pixel
+        linear, shift = self.draw(n, height, width, g)
+        # output pixel q reads the input at p = L^-1 (q - c - t) + c (the 2x2 inverse in closed form)
+        a, b, c, d = linear[:, 0, 0], linear[:, 0, 1], linear[:, 1, 0], linear[:, 1, 1]
+        inverse = np.array([[d, -b], [-c, a]]).transpose(2, 0, 1) / (a * d - b * c)[:, None, None]
+        centre = np.array([width / 2 - 0.5, height / 2 - 0.5])
+        offset = centre[:, None] - inverse @ (centre + shift)[:, :, None]  # (n, 2, 1)
         # pixel centres to grid_sample's [-1, 1] (align_corners=False: -1 and 1 are the outer edges): fold
-        # x_norm = (2 x + 1) / W - 1 into the matrix, so the grid is one batched affine map of pixel indices
-        inverse[:, 0] *= 2 / width
-        inverse[:, 1] *= 2 / height
-        inverse[:, 0, 2] += 1 / width - 1
-        inverse[:, 1, 2] += 1 / height - 1
-        theta = torch.from_numpy(inverse).to(x.dtype).to(x.device)  # (n, 2, 3)
+        # x_norm = (2 x + 1) / W - 1 into the map: each grid coordinate is then a x + b y + c
+        size = np.array([[width], [height]])
+        theta = np.concatenate([inverse * 2 / size[None], (2 * offset + 1) / size[None] - 1], -1)  # (n, 2, 3)
+        t = torch.from_numpy(theta).to(device=x.device, dtype=x.dtype)[:, :, :, None, None]  # (n, 2, 3, 1, 1)
         xs = torch.arange(width, dtype=x.dtype, device=x.device)
         ys = torch.arange(height, dtype=x.dtype, device=x.device)[:, None]
-        t = theta[:, :, :, None, None]  # (n, 2, 3, 1, 1): each output coordinate = a * x + b * y + c
         grid = (t[:, :, 0] * xs + t[:, :, 1] * ys + t[:, :, 2]).permute(0, 2, 3, 1)  # (n, H, W, 2)
         if self.fill:  # zeros padding around x - fill, then + fill: the border reads fill (linear in x)
             return F.grid_sample(x - self.fill, grid, self.mode, "zeros", align_corners=False) + self.fill

@@ -131,9 +131,24 @@ class InMemoryLoader:
         else:
             order = torch.arange(n)
         get, size, pin = fetcher(self.dataset), self.batch_size, self.pin
-        for start in range(0, len(self) * size, size):
-            batch = get(order[start : start + size])
-            yield [t.pin_memory() for t in batch] if pin else batch
+        stop, chunk = len(self) * size, size * chunk_batches(self.dataset, size)
+        for start in range(0, stop, chunk):
+            images, labels = get(order[start : min(start + chunk, stop)])
+            for batch in zip(images.split(size), labels.split(size), strict=True):
+                yield [t.pin_memory() for t in batch] if pin else list(batch)
+
+
+# Batched augmentation runs on up to this many bytes of images at once (several batches; the loader then hands
+# them out batch by batch): its per-call overhead, about 0.6 ms, is paid once per chunk instead of per batch.
+AUGMENT_CHUNK_BYTES = 32 * 1024**2
+
+
+def chunk_batches(dataset: Dataset, batch_size: int) -> int:
+    """Batches fetched together: several when a batched augmentation runs over them, else one."""
+    if not isinstance(dataset, ImageDataset) or dataset.transform is None or dataset.per_image:
+        return 1
+    side = dataset.image_size or dataset.images.shape[1]
+    return max(1, AUGMENT_CHUNK_BYTES // (dataset.images.shape[-1] * side * side * 4 * batch_size))
 
 
 def fetcher(dataset: Dataset):

@@ -4,7 +4,7 @@ Runs the real stages (prepare, augment, train_scratch) in a temporary copy of th
 profile on top, and measures test accuracy on MNIST's official 10,000-image test split after every epoch
 (a callback on the stage's own Trainer). Prints epochs and wall time to the target, on whatever machine runs it.
 
-    .venv/bin/python benchmarks/time_to_accuracy.py [--profile mnist_full] [--target 0.992]
+    .venv/bin/python benchmarks/time_to_accuracy.py [--profile mnist_full] [--target 0.992] [--set seed=1 ...]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
+import yaml
 
 from pipeline import params as params_mod
 from pipeline.data.prepared import PreparedData
@@ -58,8 +59,20 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="mnist_full")
     parser.add_argument("--target", type=float, default=0.992)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a params key on top of the profile, as dvc exp run -S (e.g. seed=1)")
     args = parser.parse_args(argv)
     p = params_mod.with_profile(args.profile, REPO / "params.yaml")
+    if args.set:
+        raw = p.model_dump(mode="json")
+        for item in args.set:
+            key, _, value = item.partition("=")
+            *parents, leaf = key.split(".")
+            node = raw
+            for part in parents:
+                node = node[part]
+            node[leaf] = yaml.safe_load(value)
+        p = params_mod.parse(raw, source=f"profile {args.profile} + --set {' '.join(args.set)}")
     raw_dir = (REPO / p.data.raw_dir).resolve()  # reuse the repository's downloaded files
     p = p.model_copy(update={"data": p.data.model_copy(update={"raw_dir": str(raw_dir)})})
     with tempfile.TemporaryDirectory() as tmp:

@@ -132,6 +132,11 @@ class InMemoryLoader:
             order = torch.arange(n)
         get, size, pin = fetcher(self.dataset), self.batch_size, self.pin
         stop, chunk = len(self) * size, size * chunk_batches(self.dataset, size)
+        if chunk == size:  # batch by batch: nothing to split (the common case, and a few us per batch)
+            for start in range(0, stop, size):
+                batch = get(order[start : start + size])
+                yield [t.pin_memory() for t in batch] if pin else batch
+            return
         for start in range(0, stop, chunk):
             images, labels = get(order[start : min(start + chunk, stop)])
             for batch in zip(images.split(size), labels.split(size), strict=True):
@@ -153,6 +158,9 @@ def chunk_batches(dataset: Dataset, batch_size: int) -> int:
 
 def fetcher(dataset: Dataset):
     """One batch by index tensor: ImageDataset's batched fetch, or tensor indexing (TensorDataset)."""
+    if isinstance(dataset, ImageDataset) and dataset.tensor is not None and dataset.transform is None:
+        images, labels = dataset.tensor, dataset.labels  # plain in-memory data: two indexings, nothing else
+        return lambda idx: [torch.index_select(images, 0, idx), torch.index_select(labels, 0, idx)]
     if isinstance(dataset, ImageDataset):
         return dataset.take
     return lambda idx: [torch.index_select(t, 0, idx) for t in dataset.tensors]

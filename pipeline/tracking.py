@@ -273,6 +273,31 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     return str(version)
 
 
+def run_exists(run_id: str) -> bool:
+    """Whether this store holds the run (a clone pulled from a DVC remote has the models, not their runs)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().get_run(run_id)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
+def version_exists(name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client().get_model_version(name, version)
+        return True
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+
+
 def champion_version(name: str) -> str | None:
     """The version the alias `champion` points at, or None (no champion yet, or no such model)."""
     from mlflow.exceptions import MlflowException

@@ -118,3 +118,23 @@ def test_float_cache_gives_the_converted_pixels(tiny_prepared, monkeypatch):
         assert cached.tensor is not None and converted.tensor is None
         (a, la), (b, lb) = cached.take(idx), converted.take(idx)
         assert torch.equal(a, b) and torch.equal(la, lb) and a.shape[-1] == (size or 28)
+
+
+@pytest.mark.parametrize(("batched", "workers"), [(True, 0), (False, 0), (True, 2)])
+def test_each_ddp_process_draws_its_own_augmentations(tiny_prepared, batched, workers):
+    """The same seed on every process: rank 0 keeps the seed's draws, rank 1 draws others (Lightning sets the
+    trainer before it calls setup)."""
+    from types import SimpleNamespace
+
+    splits = {s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}
+
+    def first_batch(rank):
+        dm = ImageDataModule(splits, 16, workers, 3, aug.build(AugmentParams(affine_p=1.0), 3), batched=batched)
+        if rank is not None:
+            dm.trainer = SimpleNamespace(global_rank=rank)
+            dm.setup("fit")
+        return next(iter(dm.train_dataloader()))
+
+    (alone, labels), (rank0, labels0), (rank1, labels1) = first_batch(None), first_batch(0), first_batch(1)
+    assert torch.equal(alone, rank0) and torch.equal(labels, labels0) and torch.equal(labels, labels1)
+    assert not torch.equal(rank0, rank1)

@@ -84,14 +84,28 @@ def test_second_repro_reruns_nothing(repro):
 
 @pytest.mark.slow
 def test_evaluate_only_key_reruns_only_evaluate(repro, tmp_path):
-    repo = copy_of(repro[0], tmp_path / "repo", with_store=True)  # evaluate logs to the models' runs
+    """In a copy with the models but a new MLflow store (what a clone that pulled models/ from a DVC remote
+    has), an evaluate-only key reruns evaluate alone, and each model's results go to a new run that names the
+    training run it could not find."""
+    from mlflow import MlflowClient
+
+    repo = copy_of(repro[0], tmp_path / "repo", with_store=False)
     edit_params(repo, evaluate={"top_k": 2})
     result = dvc(repo, "repro")
-    assert result.returncode == 0 and ran(result) == ["evaluate"], result.stdout
+    assert result.returncode == 0 and ran(result) == ["evaluate"], result.stdout + result.stderr
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
     assert "top_2_accuracy" in metrics["seed_mnist"]
     shown = dvc(repo, "metrics", "show", "--json")
     assert shown.returncode == 0 and "top_2_accuracy" in shown.stdout
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              filter_string="tags.stage = 'evaluate'")
+    by_model = {r.data.tags["model"]: r for r in runs}
+    assert set(by_model) == set(metrics)
+    seed = by_model["seed_mnist"]
+    assert seed.data.tags["evaluated_run_id"] == metrics["seed_mnist"]["mlflow_run_id"]
+    assert seed.data.metrics["test_top_2_accuracy"] == pytest.approx(metrics["seed_mnist"]["top_2_accuracy"])
+    assert "is not in this tracking store" in result.stdout
 
 
 @pytest.mark.slow

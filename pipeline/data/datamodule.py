@@ -37,6 +37,7 @@ class ImageDataset(Dataset):
         self.transform = transform if transform is not None and len(transform.transforms) else None
         self.image_size = image_size if image_size and image_size != images.shape[1] else None
         self.per_image = isinstance(self.transform, A.Compose)
+        self.rank = 0  # the DDP process that loads it: its workers seed their augmentation with it
         size = self.image_size or images.shape[1]
         fits = len(images) * images.shape[-1] * size * size * 4 <= FLOAT_CACHE_BYTES
         self.tensor = _to_float(self._resized(images)) if fits and not self.per_image else None
@@ -97,12 +98,13 @@ def seed_worker(_worker_id: int) -> None:
     """Each loader worker reseeds its copy of the augmentation from torch's per-worker seed.
 
     torch derives that seed from the main process's generator, so runs repeat exactly, while every
-    worker and every epoch still draws different augmentations.
+    worker and every epoch still draws different augmentations; the data set's `rank` (the DDP process)
+    makes every process's workers draw their own.
     """
     info = get_worker_info()
     transform = getattr(info.dataset, "transform", None) if info else None
     if transform is not None:
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+        transform.set_random_seed((torch.initial_seed() + getattr(info.dataset, "rank", 0)) % 2**32)
 
 
 class InMemoryLoader:
@@ -206,13 +208,21 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_transform = (BatchAugment.of(train_transform, seed) if batched else None) or train_transform
         self.image_size = image_size
         self._datasets: dict[tuple[str, bool], ImageDataset] = {}
+        self.rank = 0  # the DDP process (setup)
+
+    def setup(self, stage: str) -> None:
+        """Under DDP each process draws its own augmentations (same seed: every process the same draws)."""
+        self.rank = self.trainer.global_rank if self.trainer is not None else 0
+        if self.rank and self.train_transform is not None:
+            self.train_transform.set_random_seed(self.seed + self.rank)
 
     def dataset(self, split: str, augment: bool = False) -> ImageDataset:
         """The split's data set, built once (its float tensor is made once, however often loaders are asked)."""
         if (split, augment) not in self._datasets:
             x, y = self.splits[split]
-            self._datasets[split, augment] = ImageDataset(x, y, self.train_transform if augment else None,
-                                                          self.image_size)
+            dataset = ImageDataset(x, y, self.train_transform if augment else None, self.image_size)
+            dataset.rank = self.rank  # for the loader's workers (seed_worker)
+            self._datasets[split, augment] = dataset
         return self._datasets[split, augment]
 
     def train_dataloader(self) -> DataLoader | InMemoryLoader:

@@ -117,13 +117,31 @@ def run(p: params_mod.Params) -> dict:
               f"ece {result['ece']:.4f}, latency p50 {result['latency_ms_p50']:.2f} ms ({result['device']})",
               flush=True)
         if result["mlflow_run_id"]:
-            log_to_run(result["mlflow_run_id"], result, files[name])
-        if measured[name]["meta"].get("model_version"):
-            m = measured[name]
+            log_to_run(run_for(p, name, result["mlflow_run_id"], data.data_hash), result, files[name])
+        m = measured[name]
+        if m["meta"].get("model_version") and not tracking.version_exists(m["meta"]["registered_model"],
+                                                                           str(m["meta"]["model_version"])):
+            print(f"evaluate: {m['meta']['registered_model']} v{m['meta']['model_version']} is not registered in "
+                  "this tracking store; the champion is left as it is", flush=True)
+        elif m["meta"].get("model_version"):
             line = crown(m["meta"]["registered_model"], str(m["meta"]["model_version"]), m["result"]["accuracy"],
                          (m["x"], m["y"], m["meta"]["image_size"]), data.data_hash, device_for(p.trainer.accelerator))
             print(f"evaluate: {line}", flush=True)
     return results
+
+
+def run_for(p: params_mod.Params, name: str, training_run: str, data_hash: str) -> str:
+    """The model's training run, where its test results belong; when this store does not hold it (a clone
+    that pulled models/ from a DVC remote, or a new MLflow store), a new run of its own, tagged with the
+    training run's id."""
+    if tracking.run_exists(training_run):
+        return training_run
+    tags = tracking.run_tags("evaluate", name, data_hash) | {"evaluated_run_id": training_run}
+    run_id = tracking.start_run(p.mlflow.experiment, f"evaluate/{name}", tags)
+    tracking.client().set_terminated(run_id, "FINISHED")
+    print(f"evaluate: {name}: its training run {training_run} is not in this tracking store (models pulled from "
+          f"a DVC remote?); its results go to the new run {run_id}", flush=True)
+    return run_id
 
 
 def log_to_run(run_id: str, result: dict, files: list[Path]) -> None:

@@ -92,10 +92,20 @@ def test_same_seed_same_batch_and_reseeding(mnist):
 
 
 def test_data_module_uses_batches_unless_the_pipeline_or_params_say_otherwise(tiny_prepared):
+    from pipeline.errors import PipelineError
+    from pipeline.params import parse
+
+    with pytest.raises(PipelineError, match=r"trainer.batched_augment must be true, false or 'auto' \(got 'x'\)"):
+        parse({"trainer": {"batched_augment": "x"}})
     splits = {s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}
     default = aug.build(AugmentParams(), 0)
     assert isinstance(ImageDataModule(splits, 16, 0, 0, default).train_transform, BatchAugment)
     assert ImageDataModule(splits, 16, 0, 0, default, batched=False).train_transform is default
+    # auto (the default): large images image by image, where cv2 is faster on the CPU; true forces batches
+    big = {"train": (np.zeros((4, 96, 96, 3), dtype=np.uint8), np.zeros(4, dtype=np.int64))}
+    assert ImageDataModule(big, 2, 0, 0, default).train_transform is default
+    assert ImageDataModule(splits, 16, 0, 0, default, image_size=160).train_transform is default
+    assert isinstance(ImageDataModule(big, 2, 0, 0, default, batched=True).train_transform, BatchAugment)
     # a transform only albumentations implements: the whole pipeline runs image by image
     blur = A.Compose([*default.transforms, A.GaussianBlur(p=0.5)], seed=0)
     dm = ImageDataModule(splits, 16, 0, 0, blur)

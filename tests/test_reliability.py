@@ -49,6 +49,24 @@ def start_training(repo, until: str, stderr=subprocess.STDOUT) -> subprocess.Pop
     return proc
 
 
+def pause_outside_a_store_write(proc: subprocess.Popen, store) -> None:
+    """SIGSTOP the process at a moment it holds no lock on the SQLite store (else the other training would wait
+    on a stopped process): stop, try an exclusive transaction, and resume and retry while it is taken."""
+    import sqlite3
+
+    for _ in range(200):
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            with sqlite3.connect(store, timeout=0) as db:
+                db.execute("BEGIN EXCLUSIVE")
+                db.rollback()
+            return
+        except sqlite3.OperationalError:
+            os.kill(proc.pid, signal.SIGCONT)
+            time.sleep(0.02)
+    raise AssertionError(f"{store} stayed locked by the training")
+
+
 def run_statuses(repo) -> list[str]:
     from mlflow import MlflowClient
 
@@ -235,12 +253,18 @@ def test_two_trainings_at_once_each_publish_their_own_weights(repo):
 
     from pipeline.models import checkpoint
 
-    edit_params(repo, train={"epochs": 80, "early_stopping": {"enabled": False, "patience": 5}})
-    long = start_training(repo, "epoch 1/80")
-    edit_params(repo, train={"epochs": 1, "lr": 0.003})  # a short run with other params, started later
-    short = run_module("pipeline.stages.train_scratch", repo)
+    edit_params(repo, train={"epochs": 6, "early_stopping": {"enabled": False, "patience": 5}})
+    long = start_training(repo, "epoch 1/6")
+    # The long training is paused after its first epoch while a short one with other params runs from start to
+    # end, then goes on: both are alive at once, and the long one publishes last (a race-free order: without the
+    # pause a fast machine could finish the long one first).
+    pause_outside_a_store_write(long, repo / "mlflow.db")
+    try:
+        edit_params(repo, train={"epochs": 1, "lr": 0.003})
+        short = run_module("pipeline.stages.train_scratch", repo)
+    finally:
+        os.kill(long.pid, signal.SIGCONT)
     assert short.returncode == 0, short.stderr[-2000:]
-    assert long.poll() is None, "the long training ended before the short one: nothing ran at the same time"
     short_run = json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
     assert long.wait(timeout=600) == 0
     long_run = json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
@@ -253,7 +277,7 @@ def test_two_trainings_at_once_each_publish_their_own_weights(repo):
     state = torch.load(logged, map_location="cpu", weights_only=False)["state_dict"]
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[f"model.{key}"]), key
-    assert client.get_run(long_run).data.params["train.epochs"] == "80"
+    assert client.get_run(long_run).data.params["train.epochs"] == "6"
 
 
 def test_an_output_folder_that_cannot_be_written_stops_the_stage_before_training(repo):

@@ -273,29 +273,26 @@ def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     return str(version)
 
 
-def run_exists(run_id: str) -> bool:
-    """Whether this store holds the run (a clone pulled from a DVC remote has the models, not their runs)."""
+def _exists(lookup) -> bool:
+    """Whether the store answers `lookup()`; only "does not exist" is False (other errors propagate)."""
     from mlflow.exceptions import MlflowException
 
     try:
-        client().get_run(run_id)
+        lookup()
         return True
     except MlflowException as exc:
         if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
             return False
         raise
+
+
+def run_exists(run_id: str) -> bool:
+    """Whether this store holds the run (a clone pulled from a DVC remote has the models, not their runs)."""
+    return _exists(lambda: client().get_run(run_id))
 
 
 def version_exists(name: str, version: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client().get_model_version(name, version)
-        return True
-    except MlflowException as exc:
-        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
-            return False
-        raise
+    return _exists(lambda: client().get_model_version(name, version))
 
 
 def champion_version(name: str) -> str | None:

@@ -146,8 +146,8 @@ class _BrightnessContrast(_Step):
 
     def apply(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         n = len(x)
-        alpha = torch.from_numpy(1.0 + _uniform(n, self.contrast, g)).to(x.dtype).to(x.device).view(n, 1, 1, 1)
-        beta = torch.from_numpy(_uniform(n, self.brightness, g)).to(x.dtype).to(x.device).view(n, 1, 1, 1)
+        alpha = torch.from_numpy(1.0 + _uniform(n, self.contrast, g)).to(x.device, x.dtype).view(n, 1, 1, 1)
+        beta = torch.from_numpy(_uniform(n, self.brightness, g)).to(x.device, x.dtype).view(n, 1, 1, 1)
         return (x * alpha + beta).clamp_(0.0, 1.0)
 
 

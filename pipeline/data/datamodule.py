@@ -24,6 +24,11 @@ from pipeline.data.batch_augment import BatchAugment
 FLOAT_CACHE_BYTES = 2 * 1024**3
 
 
+def values_per_image(images: np.ndarray, image_size: int | None) -> int:
+    """C x H x W of uint8 (N, H, W, C) images once resized to image_size (None: as they are)."""
+    return images.shape[-1] * (image_size or images.shape[1]) ** 2
+
+
 class ImageDataset(Dataset):
     """uint8 (N, H, W, C) images and labels as float (C, H, W) tensors in [0, 1], resized to image_size.
 
@@ -38,8 +43,8 @@ class ImageDataset(Dataset):
         self.image_size = image_size if image_size and image_size != images.shape[1] else None
         self.per_image = isinstance(self.transform, A.Compose)
         self.rank = 0  # the DDP process that loads it: its workers seed their augmentation with it
-        size = self.image_size or images.shape[1]
-        fits = len(images) * images.shape[-1] * size * size * 4 <= FLOAT_CACHE_BYTES
+        self.image_bytes = 4 * values_per_image(images, self.image_size)  # as a float tensor
+        fits = len(images) * self.image_bytes <= FLOAT_CACHE_BYTES
         self.tensor = _to_float(self._resized(images)) if fits and not self.per_image else None
 
     def __len__(self) -> int:
@@ -53,18 +58,15 @@ class ImageDataset(Dataset):
         """[images, labels] of a batch by index tensor. In memory: one indexing of the float tensor, then the
         batched augmentation if any. With an albumentations Compose: the transform image by image (same images,
         same random draws, in the same order as one image at a time), converted in one go."""
-        if self.tensor is not None and not self.per_image:
+        if self.tensor is not None:  # (never with a per-image transform)
             images = torch.index_select(self.tensor, 0, idx)  # a copy (4x faster than tensor[idx] here)
-            if self.transform is not None:
-                images = self.transform(images)
-            return [images, torch.index_select(self.labels, 0, idx)]
-        resized = self._resized(self.images[idx.numpy()])
-        if self.per_image:
+        elif self.per_image:
+            resized = self._resized(self.images[idx.numpy()])
             images = _to_float(np.stack([apply(self.transform, img) for img in resized]))
         else:
-            images = _to_float(resized)
-            if self.transform is not None:
-                images = self.transform(images)
+            images = _to_float(self._resized(self.images[idx.numpy()]))
+        if self.transform is not None and not self.per_image:
+            images = self.transform(images)
         return [images, torch.index_select(self.labels, 0, idx)]
 
     def _resized(self, images: np.ndarray) -> np.ndarray:
@@ -134,7 +136,7 @@ class InMemoryLoader:
             order = torch.arange(n)
         get, size, pin = fetcher(self.dataset), self.batch_size, self.pin
         stop, chunk = len(self) * size, size * chunk_batches(self.dataset, size)
-        if chunk == size:  # batch by batch: nothing to split (the common case, and a few us per batch)
+        if chunk == size:  # batch by batch, in its own loop: at 13 us a batch, splitting or nesting shows
             for start in range(0, stop, size):
                 batch = get(order[start : start + size])
                 yield [t.pin_memory() for t in batch] if pin else batch
@@ -154,8 +156,7 @@ def chunk_batches(dataset: Dataset, batch_size: int) -> int:
     """Batches fetched together: several when a batched augmentation runs over them, else one."""
     if not isinstance(dataset, ImageDataset) or dataset.transform is None or dataset.per_image:
         return 1
-    side = dataset.image_size or dataset.images.shape[1]
-    return max(1, AUGMENT_CHUNK_BYTES // (dataset.images.shape[-1] * side * side * 4 * batch_size))
+    return max(1, AUGMENT_CHUNK_BYTES // (dataset.image_bytes * batch_size))
 
 
 def fetcher(dataset: Dataset):
@@ -213,8 +214,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         if batched == "auto":
-            x = splits["train"][0]
-            batched = x.shape[-1] * (image_size or x.shape[1]) ** 2 <= BATCHED_MAX_VALUES
+            batched = values_per_image(splits["train"][0], image_size) <= BATCHED_MAX_VALUES
         self.train_transform = (BatchAugment.of(train_transform, seed) if batched else None) or train_transform
         self.image_size = image_size
         self._datasets: dict[tuple[str, bool], ImageDataset] = {}
@@ -223,6 +223,8 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         """Under DDP each process draws its own augmentations (same seed: every process the same draws)."""
         self.rank = self.trainer.global_rank if self.trainer is not None else 0
+        for dataset in self._datasets.values():  # built before setup
+            dataset.rank = self.rank
         if self.rank and self.train_transform is not None:
             self.train_transform.set_random_seed(self.seed + self.rank)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import json
 import math
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -46,16 +48,40 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
+        with publishing():
+            # A folder cannot replace a full one in one rename: the old one moves aside first, under a name of
+            # its own (two publishers at once must not share one).
+            old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+            if path.exists():
+                os.replace(path, old)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+_held = 0  # publishing() is re-entrant within a process (flock is per open file, not per process)
+
+
+@contextlib.contextmanager
+def publishing(lock: str | Path = ".cache/publish.lock") -> Iterator[None]:
+    """One lock (a file under .cache/ of the working directory, the repository for a stage) around the renames
+    that publish outputs: two stages publishing the same outputs at once (two `python -m pipeline.stages.X`, two
+    DVC queue workers) publish one after the other, each set whole; the last one's stays."""
+    global _held
+    if _held:
+        yield
+        return
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        _held += 1
+        try:
+            yield
+        finally:
+            _held -= 1
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager
@@ -67,6 +93,7 @@ def atomic_set() -> Iterator[Any]:
         def stage(path: str | Path, folder: bool = False) -> Path:
             return stack.enter_context(atomic_dir(path) if folder else atomic_path(path))
 
+        stack.enter_context(publishing())  # entered first, left last: held while the set's renames run
         yield stage
 
 

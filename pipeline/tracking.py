@@ -21,6 +21,7 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.fundamentals.summary import format_table, layer_table, param_counts, table_rows
 from pipeline.rank import is_rank_zero
+from pipeline.workspace import repo_root
 
 MODEL_ARTIFACT = "model"
 
@@ -29,22 +30,10 @@ for _name in ("mlflow.store.db.utils", "alembic"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def store_root(cwd: Path | None = None) -> Path:
-    """The repository whose mlflow.db is the user's store: the working directory, or, inside the temporary
-    workspace of a queued or --temp DVC experiment (<repo>/.dvc/tmp/exps/...), the repository that started it
-    (DVC deletes the temporary copy, and any store in it, when the experiment ends)."""
-    cwd = (cwd or Path.cwd()).resolve()
-    parts = cwd.parts
-    for i in range(len(parts) - 2):
-        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return cwd
-
-
 def tracking_uri() -> str:
     """MLFLOW_TRACKING_URI if set, else the project's SQLite file (set explicitly: Lightning's ./mlruns
     fallback is refused by MLflow 3)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(store_root() / 'mlflow.db').as_posix()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(repo_root() / 'mlflow.db').as_posix()}"
 
 
 def _artifact_location() -> str | None:
@@ -245,7 +234,7 @@ def dataset_inputs(data) -> list[tuple[Any, str]]:
     import mlflow
     from mlflow.data.sources import LocalArtifactDatasetSource
 
-    source = LocalArtifactDatasetSource((store_root() / "data" / "prepared").as_posix())
+    source = LocalArtifactDatasetSource((repo_root() / "data" / "prepared").as_posix())
     return [(mlflow.data.from_numpy(data.x[split], source=source, targets=data.y[split],
                                     name=f"{data.source}/{split}", digest=data.data_hash), split)
             for split in ("train", "val", "test")]

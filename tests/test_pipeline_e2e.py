@@ -18,6 +18,9 @@ import yaml
 
 from tests.conftest import make_repo_copy
 
+# One tiny `dvc repro` serves every test here: under pytest-xdist they all run in the worker that made it.
+pytestmark = pytest.mark.xdist_group("e2e")
+
 STAGES = ["prepare", "augment", "train_scratch", "transfer_learn", "evaluate", "compare", "explain"]
 
 

@@ -229,11 +229,25 @@ def test_a_killed_training_resumes_from_its_last_epoch(repo):
     killed_run = (folders[0] / "mlflow_run_id").read_text()
     result = run_module("pipeline.stages.train_scratch", repo)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert re.search(r"resuming after epoch [123] from .*last.ckpt \(MLflow run " + killed_run, result.stdout)
+    resumed = re.search(r"resuming after epoch ([123]) from .*last.ckpt \(MLflow run " + killed_run, result.stdout)
+    assert resumed
+    done = int(resumed.group(1))
+    # What happened after the resume: only the epochs after the checkpoint trained in this process ...
+    trained = [int(m) for m in re.findall(r"^epoch (\d+)/4 ", result.stdout, re.MULTILINE)]
+    assert trained == list(range(done + 1, 5)), result.stdout
     metrics = json.loads((repo / "metrics/train_scratch.json").read_text())
     assert metrics["epochs_run"] == 4 and metrics["mlflow_run_id"] == killed_run
     assert [int(r["epoch"]) for r in csv.DictReader(open(repo / "plots/train_scratch.csv"))] == [1, 2, 3, 4]
-    assert MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(killed_run).info.status == "FINISHED"
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert client.get_run(killed_run).info.status == "FINISHED"
+    # ... and the run's history goes on from the checkpoint: one step per epoch, the last value logged at each
+    # step is the published curve's (an epoch the kill cut short after its metrics were logged, but before its
+    # checkpoint was written, is trained again and logged again at its step; a silent restart would add 4 more)
+    history = sorted(client.get_metric_history(killed_run, "val_acc"), key=lambda m: m.timestamp)
+    last_at = {m.step: m.value for m in history}
+    assert len(last_at) == 4 and len(history) <= 4 + 1, [(m.step, m.value) for m in history]
+    curve = [float(r["val_acc"]) for r in csv.DictReader(open(repo / "plots/train_scratch.csv"))]
+    assert [last_at[step] for step in sorted(last_at)] == pytest.approx(curve, abs=1e-6)
     assert not folders[0].exists()  # published: the resume folder is gone
     # Other params start over, and say so.
     edit_params(repo, train={"epochs": 3})
@@ -306,3 +320,69 @@ def test_a_store_that_cannot_be_written_stops_the_stage_before_training(repo):
                              f"written (attempt to write a readonly database); make {store.resolve()} writable or "
                              "set MLFLOW_TRACKING_URI to another store\n")
     assert not (repo / "models/scratch/model.pt").exists()
+
+
+PUBLISHER = """
+import sys
+from pathlib import Path
+from pipeline.atomic import atomic_set, write_json
+import time
+root, tag, rounds, start = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+time.sleep(max(0.0, start - time.time()))  # both begin at the same moment
+for i in range(rounds):
+    with atomic_set() as stage:
+        folder = stage(root / "models", folder=True)
+        for k in range(10):
+            (folder / f"part{k}.txt").write_text(f"{tag} {i}")
+        write_json(stage(root / "metrics.json"), {"written_by": f"{tag} {i}"})
+"""
+
+
+def test_two_processes_publishing_the_same_outputs_at_once_each_publish_whole_sets(tmp_path):
+    """Two stages (or two DVC queue workers) publishing the same output set at the same moment: neither fails,
+    and what stays is one publisher's whole set (its folder and its metrics), no scratch folder left behind."""
+    import json
+
+    script = tmp_path / "publish.py"
+    script.write_text(PUBLISHER)
+    out = tmp_path / "out"
+    start = str(time.time() + 3)
+    procs = [subprocess.Popen([PYTHON, str(script), str(out), tag, "300", start], cwd=tmp_path,
+                              stderr=subprocess.PIPE, text=True) for tag in ("a", "b")]
+    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    written = {(out / "models" / f"part{k}.txt").read_text() for k in range(10)}
+    assert len(written) == 1  # one publisher's folder, whole
+    assert json.loads((out / "metrics.json").read_text())["written_by"] == written.pop()  # and its metrics
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "models"]
+
+
+def test_a_half_written_resume_checkpoint_is_set_aside_and_the_training_starts_over(repo):
+    """A kill while Lightning writes last.ckpt (a full disk, a power cut) leaves it truncated: the rerun says in
+    one line that it starts over and why, keeps the broken file aside, trains from the first epoch."""
+    import json
+
+    from mlflow import MlflowClient
+
+    edit_params(repo, train={"epochs": 3, "early_stopping": {"enabled": False, "patience": 5}})
+    proc = start_training(repo, "epoch 2/3")
+    proc.kill()
+    proc.wait(timeout=60)
+    (folder,) = (repo / ".cache/checkpoints").glob("resume-train_scratch-*")
+    killed_run = (folder / "mlflow_run_id").read_text()
+    last = folder / "last.ckpt"
+    last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # torn in the middle of the write
+    result = run_module("pipeline.stages.train_scratch", repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if "cannot be read" in line]
+    assert len(lines) == 1, result.stdout
+    assert re.fullmatch(r"train_scratch: the checkpoint to resume from cannot be read \(\w+: .*\); it is set aside "
+                        r"as (\S+) and this training starts over", lines[0]), lines[0]
+    aside = repo / lines[0].split(" set aside as ")[1].split(" and this")[0]
+    assert aside.exists() and aside.stat().st_size == last.stat().st_size if last.exists() else aside.exists()
+    assert [int(m) for m in re.findall(r"^epoch (\d+)/3 ", result.stdout, re.MULTILINE)] == [1, 2, 3]
+    metrics = json.loads((repo / "metrics/train_scratch.json").read_text())
+    assert metrics["epochs_run"] == 3 and metrics["mlflow_run_id"] != killed_run  # a new run, from the start
+    history = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_metric_history(metrics["mlflow_run_id"], "val_acc")
+    assert len(history) == 3

@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from pipeline import tracking
 from pipeline.errors import PipelineError
+from pipeline.workspace import repo_root, resolve
 
 
 def test_store_is_the_repositorys_even_inside_a_dvc_temporary_workspace(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     repo = tmp_path / "repo"
-    workspace = repo / ".dvc" / "tmp" / "exps" / "tmpab12cd"
-    workspace.mkdir(parents=True)
-    monkeypatch.chdir(workspace)
-    assert tracking.store_root() == repo
+    temporary = repo / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    temporary.mkdir(parents=True)
+    monkeypatch.chdir(temporary)
+    assert repo_root() == repo
     assert tracking.tracking_uri() == f"sqlite:///{repo.as_posix()}/mlflow.db"
+    # Raw data a user placed or downloaded is the repository's too (the copy holds only what git tracks).
+    assert resolve("data/raw") == repo / "data" / "raw" and resolve("/abs/raw") == Path("/abs/raw")
     monkeypatch.chdir(repo)
-    assert tracking.store_root() == repo
+    assert repo_root() == repo
 
 
 def test_a_moved_store_never_writes_into_the_old_tree(tmp_path, monkeypatch):

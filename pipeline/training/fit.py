@@ -63,33 +63,63 @@ class FitResult:
     world_size: int = 1  # processes that trained (devices x nodes under DDP)
 
 
-def checkpoint_folder(key: str | None) -> tuple[Path, Path | None, str | None]:
+@dataclass(frozen=True)
+class Resume:
+    """Where a training checkpoints, and what a killed run with the same key left to resume from."""
+
+    folder: Path
+    checkpoint: Path | None = None  # its last.ckpt, readable
+    run_id: str | None = None  # its MLflow run, which continues
+    epochs_done: int = 0
+
+
+def checkpoint_folder(key: str | None) -> Resume:
     """Each training checkpoints into its own folder. A keyed one (same stage, params and data) finds the
-    folder a killed run left behind: its last checkpoint and its MLflow run id, to resume from."""
+    folder a killed run left behind: its last checkpoint and its MLflow run id, to resume from. A last checkpoint
+    that cannot be read (the kill came while Lightning wrote it) is set aside and the training starts over."""
     CHECKPOINT_ROOT.mkdir(parents=True, exist_ok=True)
     if key is None:
-        return Path(tempfile.mkdtemp(prefix="run-", dir=CHECKPOINT_ROOT)), None, None
+        return Resume(Path(tempfile.mkdtemp(prefix="run-", dir=CHECKPOINT_ROOT)))
     folder = CHECKPOINT_ROOT / f"resume-{key}"
+    stage = key.rsplit("-", 1)[0]
     if (folder / "last.ckpt").exists():
         run_file = folder / "mlflow_run_id"
-        return folder, folder / "last.ckpt", run_file.read_text().strip() if run_file.exists() else None
+        run_id = run_file.read_text().strip() if run_file.exists() else None
+        epochs_done, problem = read_epoch(folder / "last.ckpt")
+        if problem is None:
+            return Resume(folder, folder / "last.ckpt", run_id, epochs_done)
+        aside = CHECKPOINT_ROOT / "unreadable" / f"{key}-{time.strftime('%Y%m%d-%H%M%S')}-last.ckpt"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        (folder / "last.ckpt").replace(aside)
+        print(f"{stage}: the checkpoint to resume from cannot be read ({problem}); it is set aside as {aside} "
+              "and this training starts over", flush=True)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    stage = key.rsplit("-", 1)[0]
     if any(p != folder for p in CHECKPOINT_ROOT.glob(f"resume-{stage}-*")):
         print(f"{stage}: an interrupted training with other params or data exists; this one starts over", flush=True)
-    return folder, None, None
+    return Resume(folder)
+
+
+def read_epoch(path: Path) -> tuple[int, str | None]:
+    """The epochs a Lightning checkpoint holds, or why it cannot be resumed from (a truncated or foreign file).
+    Our own file: a full pickle (Lightning writes more than tensors)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        payload["state_dict"]
+        return int(payload["epoch"]) + 1, None
+    except Exception as exc:  # a torn zip, a pickle error, an EOF, a file without the keys: all one answer
+        return 0, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
 
 
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: FitConfig,
         run: RunSpec | None = None) -> FitResult:
     """Train `module`; with `run` the training is one MLflow run (see callbacks.MLflowTracking). The best
     checkpoint's weights are in `module` afterwards. A keyed training killed midway resumes on the next call."""
-    ckpt_dir, resume_from, run_id = checkpoint_folder(config.resume_key)
+    resume = checkpoint_folder(config.resume_key)
+    ckpt_dir, resume_from, run_id = resume.folder, resume.checkpoint, resume.run_id
     if resume_from is not None:
-        epoch = torch.load(resume_from, map_location="cpu", weights_only=False)["epoch"] + 1  # 1-based, done
-        print(f"{config.label or 'fit: '}resuming after epoch {epoch} from {resume_from} (MLflow run {run_id} "
-              "continues)", flush=True)
+        print(f"{config.label or 'fit: '}resuming after epoch {resume.epochs_done} from {resume_from} (MLflow run "
+              f"{run_id} continues)", flush=True)
     tracker = run.callback(run_id) if run is not None else None
     if tracker is not None and config.resume_key and is_rank_zero():
         (ckpt_dir / "mlflow_run_id").write_text(tracker.logger.run_id)

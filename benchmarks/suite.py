@@ -16,11 +16,9 @@ from pipeline.data import augment as aug
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import build_prepared
 from pipeline.data.sources import load_embedded
-from pipeline.models.classifier import Classifier
-from pipeline.models.cnn import CNN, spec_from_params
-from pipeline.training.fit import FitConfig, fit, seed_all
-from pipeline.training.module import OPTIMIZERS, SCHEDULERS, ClassifierModule, OptimConfig, Steps
-from pipeline.training.trainer import build_trainer
+from pipeline.models.cnn import CNN, Classifier, spec_from_params
+from pipeline.training.fit import FitConfig, build_trainer, fit, seed_all
+from pipeline.training.module import OPTIMIZERS, SCHEDULERS, ClassifierModule, Steps
 
 
 @cache
@@ -72,28 +70,31 @@ def lightning_step(quick: bool):
     x, y = splits()["train"]
     repeat = -(-(steps * p.train.batch_size) // len(y))
     dm = ImageDataModule({"train": (np.tile(x, (repeat, 1, 1, 1)), np.tile(y, repeat)), "val": splits()["val"]},
-                         p.train.batch_size, p.trainer.num_workers, 0)
+                         p.train.batch_size, 0, num_workers=p.trainer.num_workers)
 
     def with_lightning() -> float:
         seed_all(0)
         timer = StepTimer(warm)
-        config = FitConfig(p.trainer, 1, limit_train_batches=steps, quiet=True)
-        trainer, _, _ = build_trainer(config, tempfile_dir(), callbacks=[timer])
+        config = FitConfig(p.trainer, 1, limit_train_batches=steps, quiet=True, callbacks=(timer,))
+        trainer, _ = build_trainer(config, tempfile_dir())
         trainer.limit_val_batches = 0
-        trainer.fit(ClassifierModule(seed_cnn(), 10, OptimConfig.from_params(p.train)), datamodule=dm)
+        module = ClassifierModule(seed_cnn(), p.train)
+        if p.trainer.channels_last:  # as fit lays the model out
+            module.to(memory_format=torch.channels_last)
+        trainer.fit(module, datamodule=dm)
         return timer.steps / (timer.end - timer.start)
 
     def plain() -> float:
         # The same recipe by hand: the optimizer and the per-step schedule of params.train, the same loss.
         seed_all(0)
         model = layout(seed_cnn())
-        optim = OptimConfig.from_params(p.train)
-        groups = [{"params": list(model.parameters()), "lr": optim.lr}]
-        opt = OPTIMIZERS[optim.optimizer](groups, optim)
+        recipe = p.train
+        groups = [{"params": list(model.parameters()), "lr": recipe.lr}]
+        opt = OPTIMIZERS[recipe.optimizer](groups, recipe)
         # One epoch of `steps` steps, as the module computes it for the Lightning run (limit_train_batches=steps)
-        schedule = SCHEDULERS[optim.scheduler](opt, groups, Steps(steps, steps, optim))
+        schedule = SCHEDULERS[recipe.scheduler](opt, groups, Steps(steps, steps, recipe))
         scheduler = schedule["lr_scheduler"]["scheduler"]
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         model.train()
         for i, (x, y) in enumerate(dm.train_dataloader()):
             if i == warm:
@@ -124,9 +125,9 @@ def augment_end_to_end(quick: bool):
     def epoch(augmented: bool) -> float:
         seed_all(0)
         transform = aug.build(p.augment, 0) if augmented else None
-        dm = ImageDataModule(splits(), p.train.batch_size, p.trainer.num_workers, 0, transform)
+        dm = ImageDataModule(splits(), p.train.batch_size, 0, transform, num_workers=p.trainer.num_workers)
         config = FitConfig(p.trainer, 1, limit_train_batches=batches or 1.0, quiet=True)
-        result = fit(ClassifierModule(seed_cnn(), 10, OptimConfig.from_params(p.train)), dm, config)
+        result = fit(ClassifierModule(seed_cnn(), p.train), dm, config)
         return 1.0 / result.rows[-1]["epoch_time_s"]  # epochs per second: training only, no validation
 
     return (lambda: epoch(True)), (lambda: epoch(False))
@@ -135,7 +136,7 @@ def augment_end_to_end(quick: bool):
 # ---------------------------------------------------------------------------------------- feature_cache
 def feature_cache(quick: bool):
     from pipeline.data.datamodule import TensorDataModule
-    from pipeline.data.fewshot import class_subset, per_class_indices
+    from pipeline.data.prepared import class_subset, per_class_indices
     from pipeline.models import registry
     from pipeline.models.transfer import (
         HeadOnly,
@@ -176,17 +177,16 @@ def feature_cache(quick: bool):
         m.net.head.train()  # extraction put the model in eval mode; the stage trains a fresh model's head
         dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])), (feats["val"], torch.as_tensor(val[1])),
                               tp.batch_size, 0)
-        fit(ClassifierModule(HeadOnly(m.net.head), 10, OptimConfig.from_params(lr=tp.lr, scheduler="none",
-                                                                              warmup_epochs=0)),
-            dm, FitConfig(defaults().trainer, epochs, val_every=max(1, epochs // 5), quiet=True))
+        fit(ClassifierModule(HeadOnly(m.net.head), tp), dm,
+            FitConfig(defaults().trainer, epochs, val_every=max(1, epochs // 5), quiet=True))
         return 1.0 / (time.perf_counter() - start)
 
     def naive() -> float:
         m = model()
         start = time.perf_counter()
-        dm = ImageDataModule({"train": train, "val": val}, tp.batch_size, 0, 0)
-        fit(ClassifierModule(m, 10, OptimConfig.from_params(lr=tp.lr, scheduler="none", warmup_epochs=0)), dm,
-            FitConfig(defaults().trainer, epochs, val_every=max(1, epochs // 5), quiet=True))
+        dm = ImageDataModule({"train": train, "val": val}, tp.batch_size, 0)
+        fit(ClassifierModule(m, tp), dm, FitConfig(defaults().trainer, epochs, val_every=max(1, epochs // 5),
+                                                   quiet=True))
         return 1.0 / (time.perf_counter() - start)
 
     return cached, naive
@@ -197,7 +197,7 @@ def in_memory_loader(quick: bool):
     p = defaults()
     x, y = splits()["train"]
     epochs = 100 if quick else 300  # an epoch takes about a millisecond: enough of them to measure
-    dm = ImageDataModule(splits(), p.train.batch_size, p.trainer.num_workers, 0)
+    dm = ImageDataModule(splits(), p.train.batch_size, 0, num_workers=p.trainer.num_workers)
     tensor = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
     labels = torch.as_tensor(y)
 

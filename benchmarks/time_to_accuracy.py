@@ -22,7 +22,7 @@ import yaml
 
 from pipeline import params as params_mod
 from pipeline.data.prepared import PreparedData
-from pipeline.evaluation import device_for, predict_proba
+from pipeline.predict import device_for, predict_proba
 from pipeline.stages import augment, prepare, train_scratch
 
 REPO = Path(__file__).resolve().parents[1]

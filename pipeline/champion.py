@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from pipeline import tracking
-from pipeline.evaluation import accuracy, predict_proba
+from pipeline.predict import accuracy, predict_proba
 
 
 def crown(name: str, version: str, acc: float, test: tuple[np.ndarray, np.ndarray, int], data_hash: str,

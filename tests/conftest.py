@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,44 @@ def run_module(module: str, cwd: Path, *args: str, env: dict | None = None) -> s
     full_env = inherited | {"CI": "true"} | (env or {})
     return subprocess.run([PYTHON, "-m", module, *args], cwd=cwd, capture_output=True, text=True, env=full_env,
                           timeout=900)
+
+
+@dataclass
+class StageRun:
+    code: int
+    out: str
+    err: str
+
+
+@pytest.fixture
+def run_stage(monkeypatch, capsys):
+    """A stage's main() in process, in `folder`, as `python -m pipeline.stages.<stage> [args]` would run it there
+    (params.yaml read and checked, one-line errors and their exit codes), without a new interpreter: the tests
+    that are about what a stage does, not about DVC or a process, need not pay torch's import each time."""
+    import importlib
+    import inspect
+    import signal
+
+    def run(folder: Path, stage: str, *args: str, env: dict | None = None) -> StageRun:
+        monkeypatch.chdir(folder)
+        for key, value in (env or {}).items():
+            monkeypatch.setenv(key, value)
+        module = importlib.import_module(f"pipeline.stages.{stage}")
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        capsys.readouterr()
+        code = 0
+        try:
+            takes_argv = "argv" in inspect.signature(module.main).parameters
+            module.main(list(args)) if takes_argv else module.main()
+        except SystemExit as exit_:
+            code = int(exit_.code or 0)
+        finally:  # stage_main installs its own signal handlers: pytest gets its own back
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        captured = capsys.readouterr()
+        return StageRun(code, captured.out, captured.err)
+
+    return run
 
 
 @pytest.fixture(autouse=True)
@@ -116,3 +155,16 @@ def ready_to_train(dest: Path, data, profile: str = "tiny") -> Path:
     p = load(dest / "params.yaml")
     aug.save(aug.build(p.augment, p.seed), dest / "data" / "augmented" / "pipeline.json")
     return dest
+
+
+def save_seed_model(path: Path, mean=(0.13,), std=(0.31,), run_id: str | None = None, class_names=None,
+                    **meta) -> None:
+    """An untrained seed_mnist model file, as train_scratch writes one (meta fields overridable)."""
+    from pipeline.models import checkpoint
+    from pipeline.models.cnn import CNN, PRESETS, Classifier
+
+    model = Classifier(CNN(PRESETS["seed_mnist"], 1, 28, 10), list(mean), list(std), 1)
+    record = {"stage": "train_scratch", "name": "seed_mnist", "task": "digits",
+              "class_names": class_names or [str(c) for c in range(10)], "class_ids": list(range(10)),
+              "image_size": 28, "mlflow_run_id": run_id} | meta
+    checkpoint.save(path, model, checkpoint.cnn_arch(PRESETS["seed_mnist"], 1, 28, 10), checkpoint.ModelMeta(**record))

@@ -1,14 +1,16 @@
-"""augment: the serialized pipeline round-trips, applies to train only, and is reproducible by seed."""
+"""augment: the serialized pipeline round-trips, the stage saves what params describe, and the batched form
+gives albumentations' pixels, ranges and probabilities."""
 
 from __future__ import annotations
 
 import albumentations as A
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from pipeline.data import augment as aug
-from pipeline.data.datamodule import ImageDataModule
+from pipeline.data.augment import BatchAugment
 from pipeline.errors import PipelineError
 from pipeline.params import AugmentParams, parse
 
@@ -34,41 +36,6 @@ def test_disabled_is_empty():
     assert len(default_pipeline(enabled=False).transforms) == 0
 
 
-def splits(tiny_prepared):
-    return {s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val", "test")}
-
-
-def test_train_loader_augments_and_val_does_not(tiny_prepared):
-    """Sample by sample: the augmented train loader yields the same images in the same order, with the same
-    labels, as the plain one, each with other pixels; val yields the stored pixels untouched."""
-    geometric = default_pipeline(affine_p=1.0, rotation_range=30, brightness=0, contrast=0, coarse_dropout={"p": 0})
-    dm = ImageDataModule(splits(tiny_prepared), 16, 0, 0, geometric)
-    plain = ImageDataModule(splits(tiny_prepared), 16, 0, 0, None)
-    augmented_epoch, plain_epoch = list(dm.train_dataloader()), list(plain.train_dataloader())
-    assert [len(y) for _, y in augmented_epoch] == [len(y) for _, y in plain_epoch] == [16] * (len(plain_epoch))
-    assert torch.equal(torch.cat([y for _, y in augmented_epoch]), torch.cat([y for _, y in plain_epoch]))
-    (train_x, train_y), (plain_x, plain_y) = augmented_epoch[0], plain_epoch[0]
-    assert torch.equal(train_y, plain_y)  # same samples, same order, batch after batch
-    for augmented, original in zip(train_x, plain_x, strict=True):
-        assert not torch.equal(augmented, original)  # every sample changed (affine_p=1.0)
-        # ... by a geometric transform of the same digit, not replaced by another image: most ink stays
-        assert abs(float(augmented.sum() - original.sum())) < 0.35 * float(original.sum())
-    val_x, val_y = next(iter(dm.val_dataloader()))
-    expected_val = torch.from_numpy(tiny_prepared.x["val"][:16]).permute(0, 3, 1, 2).float() / 255
-    assert torch.equal(val_x, expected_val)  # val: pixels untouched, in stored order
-    assert val_y.tolist() == tiny_prepared.y["val"][:16].tolist()
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_same_seed_same_augmented_batch(tiny_prepared, workers):
-    def first_batch(seed):
-        dm = ImageDataModule(splits(tiny_prepared), 16, workers, seed, default_pipeline(seed, affine_p=1.0))
-        return next(iter(dm.train_dataloader()))[0]
-
-    assert torch.equal(first_batch(3), first_batch(3))
-    assert not torch.equal(first_batch(3), first_batch(4))
-
-
 def test_bad_augment_params_are_one_line():
     with pytest.raises(PipelineError, match=r"augment.rotation_range must be >= 0.0 \(got -10\)"):
         parse({"augment": {"rotation_range": -10}})
@@ -86,74 +53,126 @@ def test_missing_or_corrupt_pipeline_file(tmp_path):
         aug.load(tmp_path / "bad.json")
 
 
-def test_augment_stage_saves_the_pipeline_its_params_describe_and_logs_it(tmp_path, mlflow_store, tiny_prepared):
+@pytest.mark.parametrize("task", ["digits", "photos"])
+def test_augment_stage_saves_the_pipeline_its_params_describe_and_logs_it(tmp_path, mlflow_store, tiny_prepared,
+                                                                          run_stage, task):
+    """Each task's augment stage saves exactly the pipeline its own params section describes, previews it and
+    logs both to MLflow (the digits' section and the photos' are separate knobs)."""
     import yaml
     from mlflow import MlflowClient
     from PIL import Image
 
+    from pipeline import tasks
     from pipeline.params import load
-    from tests.conftest import make_repo_copy, run_module
+    from tests.conftest import ready_to_train
 
-    repo = make_repo_copy(tmp_path / "repo")  # tiny profile: 2 preview rows of 1 original + 3 views
+    t = tasks.TASKS[task]
+    repo = ready_to_train(tmp_path / "repo", tiny_prepared)  # tiny profile: 2 preview rows of 1 original + 3 views
+    tiny_prepared.save(repo / t.prepared)
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["augment"] |= {"rotation_range": 7, "horizontal_flip": True, "coarse_dropout": {"p": 0.4}}
+    params[t.augment] |= {"rotation_range": 7, "horizontal_flip": True, "coarse_dropout": {"p": 0.4},
+                          "preview_images": 2, "preview_views": 3}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    tiny_prepared.save(repo / "data" / "prepared")
-    result = run_module("pipeline.stages.augment", repo, env={"MLFLOW_TRACKING_URI": mlflow_store})
-    assert result.returncode == 0, result.stderr
-    saved = aug.load(repo / "data/augmented/pipeline.json", seed=0)
+    result = run_stage(repo, "augment", *(["--task", task] if task != "digits" else []))
+    assert result.code == 0, result.err
+    saved = aug.load(repo / t.augmented / "pipeline.json", seed=0)
     p = load(repo / "params.yaml")
-    assert A.to_dict(saved) == A.to_dict(aug.build(p.augment, p.seed))  # exactly what params.yaml describes
+    assert A.to_dict(saved) == A.to_dict(aug.build(t.section(p, "augment"), p.seed))  # what params.yaml describes
     affine = saved.transforms[0]
     assert type(affine).__name__ == "Affine" and tuple(affine.rotate) == (-7, 7)
-    assert [type(t).__name__ for t in saved.transforms] == ["Affine", "HorizontalFlip", "RandomBrightnessContrast",
+    assert [type(x).__name__ for x in saved.transforms] == ["Affine", "HorizontalFlip", "RandomBrightnessContrast",
                                                            "CoarseDropout"]
     assert saved.transforms[-1].p == pytest.approx(0.4)
-    with Image.open(repo / "plots/augment/preview.png") as img:
+    with Image.open(repo / t.preview) as img:
         width, height = img.size
     assert 380 <= width <= 560 and 200 <= height <= 340, (width, height)  # 4 cells of 1.2 in at 100 dpi
     client = MlflowClient(mlflow_store)
     run = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                             filter_string="tags.stage = 'augment'")[0]
-    assert run.data.params["augment.rotation_range"] == "7.0"
+                             filter_string=f"tags.stage = '{t.stage('augment')}'")[0]
+    assert run.data.params[f"{t.augment}.rotation_range"] == "7.0"
     logged = client.download_artifacts(run.info.run_id, "augmentation/pipeline.json", str(tmp_path))
     assert A.to_dict(aug.load(logged)) == A.to_dict(saved)  # the logged pipeline is the saved one
-    assert {"augmentation/pipeline.json", "augmentation/preview.png"} <= {
+    assert {"augmentation/pipeline.json", f"augmentation/{t.preview.name}"} <= {
         a.path for a in client.list_artifacts(run.info.run_id, "augmentation")}
 
 
-@pytest.mark.parametrize("augmented", [False, True])
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_in_memory_loader_gives_the_dataloaders_batches(tiny_prepared, augmented, shuffle):
-    """make_loader's in-process fast path yields, epoch after epoch, exactly the batches torch's DataLoader
-    yields with the same seed (so switching between them changes no metric)."""
-    from torch.utils.data import DataLoader
-
-    from pipeline.data.datamodule import ImageDataset, InMemoryLoader, collate, make_loader
-
-    def dataset():
-        return ImageDataset(tiny_prepared.x["train"], tiny_prepared.y["train"],
-                            default_pipeline(7, affine_p=1.0) if augmented else None)
-
-    fast = make_loader(dataset(), 16, shuffle, 0, seed=3)
-    assert isinstance(fast, InMemoryLoader)
-    reference = DataLoader(dataset(), batch_size=16, shuffle=shuffle, generator=torch.Generator().manual_seed(3),
-                           drop_last=shuffle, collate_fn=collate)
-    assert len(fast) == len(reference)
-    for _ in range(2):  # two epochs: the generator advances the same way
-        got, want = list(fast), list(reference)
-        assert len(got) == len(want)
-        for (x, y), (rx, ry) in zip(got, want, strict=True):
-            assert torch.equal(x, rx) and torch.equal(y, ry)
+# ------------------------------------------------------------------------------------------- batched
+@pytest.fixture(scope="session")
+def mnist(digits):
+    return digits.images[:48]  # real MNIST digits, uint8 (N, 28, 28, 1)
 
 
-def test_in_memory_loader_over_tensors():
-    from torch.utils.data import DataLoader, TensorDataset
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
 
-    from pipeline.data.datamodule import make_loader
 
-    data = TensorDataset(torch.arange(50.0).reshape(25, 2), torch.arange(25))
-    fast = make_loader(data, 4, True, 0, seed=1)
-    reference = DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(1), drop_last=True)
-    for (x, y), (rx, ry) in zip(fast, reference, strict=True):
-        assert torch.equal(x, rx) and torch.equal(y, ry)
+def both(transform: A.BasicTransform, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The transform through albumentations image by image, and through BatchAugment, in gray levels."""
+    compose = A.Compose([transform], seed=0)
+    per_image = np.stack([compose(image=img)["image"].reshape(img.shape) for img in images]).astype(np.float64)
+    batched = BatchAugment(compose, 0)(to_tensor(images)).permute(0, 2, 3, 1).double().numpy() * 255
+    return per_image, batched
+
+
+@pytest.mark.parametrize("transform", [
+    A.Affine(rotate=(12, 12), scale={"x": (1.1, 1.1), "y": (0.92, 0.92)},
+             translate_percent={"x": (0.1, 0.1), "y": (-0.07, -0.07)}, shear={"x": (5, 5), "y": (-3, -3)},
+             border_mode=cv2.BORDER_CONSTANT, fill=0, p=1),
+    A.Affine(rotate=(-20, -20), translate_px={"x": (3, 3), "y": (-2, -2)}, border_mode=cv2.BORDER_CONSTANT,
+             fill=40, p=1),
+    A.Affine(rotate=(-30, -30), interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, p=1),
+    A.RandomBrightnessContrast(brightness_limit=(0.1, 0.1), contrast_limit=(0.25, 0.25), p=1),
+    A.RandomBrightnessContrast(brightness_limit=(-0.3, -0.3), contrast_limit=(-0.1, -0.1), p=1),
+    A.HorizontalFlip(p=1),
+    A.VerticalFlip(p=1),
+], ids=["affine", "affine-px-fill", "affine-nearest", "brighter", "darker", "hflip", "vflip"])
+def test_fixed_draws_give_albumentations_pixels(mnist, transform):
+    """With each range collapsed to one value, every image equals albumentations' own output up to its
+    rounding to whole gray levels (cv2 warps in fixed point and stores uint8)."""
+    per_image, batched = both(transform, mnist)
+    assert np.abs(per_image - batched).max() <= 1.0
+    assert not np.array_equal(per_image, mnist)  # the transform did something
+
+
+def test_affine_draws_match_albumentations_distribution():
+    """The matrices drawn per image: each entry's mean and spread as albumentations draws them (2,000 each)."""
+    t = aug.build(AugmentParams(), 0).transforms[0]
+    assert type(t).__name__ == "Affine"
+    theirs = np.stack([t.get_params_dependent_on_data({"shape": (28, 28)}, {})["matrix"][:2] for _ in range(2000)])
+    step = BatchAugment(A.Compose([t]), 0).steps[0]
+    linear, shift = step.draw(2000, 28, 28, torch.Generator().manual_seed(1))
+    centre = np.array([13.5, 13.5])  # albumentations' matrix: p -> L (p - c) + c + t
+    ours = np.concatenate([linear, (centre + shift - linear @ centre)[:, :, None]], -1)
+    spread = theirs.std(0)
+    assert np.all(np.abs(ours.mean(0) - theirs.mean(0)) <= 0.1 * spread + 1e-9)
+    assert np.allclose(ours.std(0), spread, rtol=0.1)
+    # whole-pixel shifts, as albumentations truncates translate_percent * size
+    shift = ours[:, :, 2] - (np.eye(2) - ours[:, :, :2]) @ np.array([13.5, 13.5])
+    assert np.allclose(shift, np.round(shift)) and np.round(np.abs(shift).max()) == 2
+
+
+def test_probabilities_and_dropout_area_match_albumentations():
+    """Each image is transformed with the transform's p, and CoarseDropout cuts as much as albumentations."""
+    ones = np.full((2000, 28, 28, 1), 255, dtype=np.uint8)
+    dropout = A.CoarseDropout(num_holes_range=(1, 2), hole_height_range=(0.1, 0.25), hole_width_range=(0.1, 0.25),
+                              fill=0, p=0.4)
+    per_image, batched = both(dropout, ones)
+    cut_theirs, cut_ours = (per_image == 0).mean(axis=(1, 2, 3)), (batched == 0).mean(axis=(1, 2, 3))
+    assert abs((cut_ours > 0).mean() - 0.4) < 0.04  # p: 2,000 draws, 4 standard errors
+    assert cut_ours[cut_ours > 0].mean() == pytest.approx(cut_theirs[cut_theirs > 0].mean(), rel=0.08)
+    assert cut_ours.max() <= 2 * 0.25**2 + 1e-9  # at most two holes of at most a quarter of each side
+
+
+def test_same_seed_same_batch_and_reseeding(mnist):
+    def run(seed, reseed=None):
+        batch_aug = BatchAugment(aug.build(AugmentParams(affine_p=1.0), 0), seed)
+        if reseed is not None:
+            batch_aug(to_tensor(mnist))
+            batch_aug.set_random_seed(reseed)
+        return batch_aug(to_tensor(mnist))
+
+    assert torch.equal(run(3), run(3))
+    assert not torch.equal(run(3), run(4))
+    assert torch.equal(run(9, reseed=3), run(3))
+
+

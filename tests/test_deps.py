@@ -40,17 +40,23 @@ def test_granularity_an_evaluation_edit_does_not_rerun_training():
     assert not any(d.startswith("pipeline/training") for d in stages["prepare"]["deps"])
 
 
-def test_outputs_are_read_from_dvc_yaml():
-    import os
+def test_outputs_are_read_from_dvc_yaml(monkeypatch):
+    from pipeline.outputs import declared
 
-    from pipeline.deps import outputs
+    monkeypatch.chdir(REPO)
+    assert [str(p) for p in declared("train_scratch")] == [
+        "models/scratch", "plots/train_scratch.csv", "plots/train_scratch/learning_curves.png",
+        "metrics/train_scratch.json"]
+    assert declared("no_such_stage") == []
 
-    cwd = os.getcwd()
-    os.chdir(REPO)
-    try:
-        assert [str(p) for p in outputs("train_scratch")] == [
-            "models/scratch", "plots/train_scratch.csv", "plots/train_scratch/learning_curves.png",
-            "metrics/train_scratch.json"]
-        assert outputs("no_such_stage") == []
-    finally:
-        os.chdir(cwd)
+
+def test_stages_import_what_they_use_and_not_the_deps_tool():
+    """A stage's import closure holds what it runs: deps derivation is not among them (an edit there reruns
+    nothing), evaluate and compare need no augmentation library and no data module, prepare no torch model."""
+    closures = {name: {str(p) for p in deps.closure(deps.stage_module(stage["cmd"]))}
+                for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items()}
+    assert not any("pipeline/deps.py" in files for files in closures.values())
+    for stage in ("evaluate", "explain"):
+        assert {"pipeline/data/augment.py", "pipeline/data/datamodule.py"}.isdisjoint(closures[stage]), stage
+    assert not any(f.startswith(("pipeline/models/", "pipeline/training/")) for f in closures["prepare"])
+    assert "pipeline/models/registry.py" not in closures["train_scratch"]  # writing a model file needs no registry

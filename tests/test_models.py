@@ -7,9 +7,8 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.fundamentals.summary import layer_table, param_counts
-from pipeline.models import checkpoint, registry
-from pipeline.models.classifier import Classifier
-from pipeline.models.cnn import CNN, PRESETS, Block, CNNSpec
+from pipeline.models import checkpoint, loading, registry
+from pipeline.models.cnn import CNN, PRESETS, Block, Classifier, CNNSpec
 
 
 def count(model) -> int:
@@ -78,15 +77,31 @@ def test_checkpoint_roundtrip_and_mismatch(tmp_path):
     spec = PRESETS["seed_mnist"]
     model = Classifier(CNN(spec, 1, 28, 10), [0.3], [0.3], 1)
     arch = checkpoint.cnn_arch(spec, 1, 28, 10)
-    checkpoint.save(tmp_path / "m.pt", model, arch, {"name": "x"})
-    loaded, meta = checkpoint.load(tmp_path / "m.pt")
+    meta = checkpoint.ModelMeta("train_scratch", "x", "digits", list("0123456789"), list(range(10)), 28)
+    checkpoint.save(tmp_path / "m.pt", model, arch, meta)
+    loaded, got, _ = loading.load(tmp_path / "m.pt")
     x = torch.rand(3, 1, 28, 28)
-    assert torch.equal(loaded(x), model.eval()(x)) and meta["name"] == "x"
+    assert torch.equal(loaded(x), model.eval()(x)) and got == meta
     payload = torch.load(tmp_path / "m.pt", weights_only=True)
     payload["arch"]["num_classes"] = 5
     torch.save(payload, tmp_path / "bad.pt")
     with pytest.raises(PipelineError, match=r"layer net.classifier.3.weight does not fit \(shape \(10, 128\)"):
-        checkpoint.load(tmp_path / "bad.pt")
+        loading.load(tmp_path / "bad.pt")
     (tmp_path / "junk.pt").write_bytes(b"nope")
     with pytest.raises(PipelineError, match="not a loadable torch file"):
-        checkpoint.load(tmp_path / "junk.pt")
+        loading.load(tmp_path / "junk.pt")
+
+
+def test_a_model_file_with_a_record_of_another_shape_is_one_line(tmp_path):
+    """The typed record is checked when a model file is loaded: a missing or unknown key names what is expected."""
+    spec = PRESETS["seed_mnist"]
+    model = Classifier(CNN(spec, 1, 28, 10), [0.3], [0.3], 1)
+    meta = checkpoint.ModelMeta("train_scratch", "x", "digits", list("0123456789"), list(range(10)), 28)
+    checkpoint.save(tmp_path / "m.pt", model, checkpoint.cnn_arch(spec, 1, 28, 10), meta)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    for broken in ({k: v for k, v in payload["meta"].items() if k != "task"}, payload["meta"] | {"colour": "red"}):
+        torch.save(payload | {"meta": broken}, tmp_path / "odd.pt")
+        with pytest.raises(PipelineError) as err:
+            loading.load(tmp_path / "odd.pt")
+        assert str(err.value).startswith(f"checkpoint {tmp_path / 'odd.pt'}: its model record is not this pipeline's")
+        assert "expected class_ids, class_names, image_size" in str(err.value) and "\n" not in str(err.value)

@@ -21,13 +21,9 @@ def test_notebook_is_stored_without_outputs():
 def test_notebook_executes_top_to_bottom(tmp_path, monkeypatch, trained):
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend turns figures into outputs
     if trained:
-        from pipeline.models import checkpoint
-        from pipeline.models.classifier import Classifier
-        from pipeline.models.cnn import CNN, PRESETS
+        from tests.conftest import save_seed_model
 
-        model = Classifier(CNN(PRESETS["seed_mnist"], 1, 28, 10), [0.13], [0.31], 1)
-        checkpoint.save(tmp_path / "models/scratch/model.pt", model, checkpoint.cnn_arch(PRESETS["seed_mnist"], 1, 28, 10),
-                        {"stage": "train_scratch", "name": "seed_mnist"})
+        save_seed_model(tmp_path / "models/scratch/model.pt")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)

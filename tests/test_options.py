@@ -9,12 +9,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from pipeline.models.classifier import Classifier
-from pipeline.models.cnn import CNN, spec_from_params
+from pipeline.models.cnn import CNN, Classifier, spec_from_params
 from pipeline.params import parse
-from pipeline.training.fit import FitConfig, fit, seed_all
-from pipeline.training.module import ClassifierModule, OptimConfig
-from pipeline.training.trainer import build_trainer, resolve_precision
+from pipeline.training.fit import FitConfig, build_trainer, fit, resolve_precision, seed_all
+from pipeline.training.module import ClassifierModule
 
 STEPS_PER_EPOCH = 3  # 120 training digits (12 per class), batch 32, last partial batch dropped
 
@@ -49,10 +47,10 @@ def tiny_fit(tmp_path, monkeypatch, data, epochs: int = 4, **train):
     p = parse({"train": {"epochs": epochs, "batch_size": 32, "warmup_epochs": 0} | train})
     seed_all(0)
     model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), data.mean, data.std, 1)
-    module = ClassifierModule(model, 10, OptimConfig.from_params(p.train))
-    dm = ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val")}, 32, 0, 0)
+    module = ClassifierModule(model, p.train)
+    dm = ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val")}, 32, 0)
     probe = Probe()
-    result = fit(module, dm, FitConfig.from_params(p.train, p.trainer, quiet=True, callbacks=(probe,)))
+    result = fit(module, dm, FitConfig.from_train(p.train, p.trainer, quiet=True, callbacks=(probe,)))
     return probe, result, module
 
 
@@ -99,7 +97,7 @@ def test_optimizers_are_the_ones_named(tmp_path, monkeypatch, tiny_prepared, nam
 def test_label_smoothing_reaches_the_loss(tiny_prepared):
     p = parse({"train": {"label_smoothing": 0.1}})
     model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), tiny_prepared.mean, tiny_prepared.std, 1)
-    module = ClassifierModule(model, 10, OptimConfig.from_params(p.train))
+    module = ClassifierModule(model, p.train)
     logits = torch.randn(8, 10, generator=torch.Generator().manual_seed(0))
     y = torch.arange(8)
     log_p = torch.log_softmax(logits, dim=1)
@@ -144,7 +142,7 @@ def test_the_trainer_on_this_cpu_runs_in_full_precision(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU path")
     p = parse({})
-    trainer, _, _ = build_trainer(FitConfig(p.trainer, 1, quiet=True), tmp_path)
+    trainer, _ = build_trainer(FitConfig(p.trainer, 1, quiet=True), tmp_path)
     assert trainer.precision == "32-true" and trainer.accelerator.__class__.__name__ == "CPUAccelerator"
 
 
@@ -155,9 +153,8 @@ def test_channels_last_lays_out_the_convolutions(tmp_path, monkeypatch, tiny_pre
     monkeypatch.chdir(tmp_path)
     p = parse({"trainer": {"channels_last": channels_last}, "train": {"epochs": 1, "batch_size": 32, "warmup_epochs": 0}})
     model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), tiny_prepared.mean, tiny_prepared.std, 1)
-    dm = ImageDataModule({s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}, 32, 0, 0)
-    fit(ClassifierModule(model, 10, OptimConfig.from_params(p.train)), dm, FitConfig.from_params(p.train, p.trainer,
-                                                                                                 quiet=True))
+    dm = ImageDataModule({s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}, 32, 0)
+    fit(ClassifierModule(model, p.train), dm, FitConfig.from_train(p.train, p.trainer, quiet=True))
     weight = model.net.features[3].weight  # the second convolution: 64 x 32 x 3 x 3
     assert weight.is_contiguous(memory_format=torch.channels_last) == channels_last
     assert weight.is_contiguous() != channels_last
@@ -184,9 +181,9 @@ def test_compile_trains_the_same_model_through_torch_compile(tmp_path, monkeypat
                    "trainer": {"compile": compile_}})
         seed_all(0)
         model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), tiny_prepared.mean, tiny_prepared.std, 1)
-        module = ClassifierModule(model, 10, OptimConfig.from_params(p.train))
-        dm = ImageDataModule({s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}, 32, 0, 0)
-        return module, fit(module, dm, FitConfig.from_params(p.train, p.trainer, quiet=True))
+        module = ClassifierModule(model, p.train)
+        dm = ImageDataModule({s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}, 32, 0)
+        return module, fit(module, dm, FitConfig.from_train(p.train, p.trainer, quiet=True))
 
     eager_module, eager = run(False)
     graphs = counters["stats"]["unique_graphs"]

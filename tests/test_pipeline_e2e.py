@@ -21,7 +21,8 @@ from tests.conftest import make_repo_copy
 # One tiny `dvc repro` serves every test here: under pytest-xdist they all run in the worker that made it.
 pytestmark = pytest.mark.xdist_group("e2e")
 
-STAGES = ["prepare", "augment", "train_scratch", "transfer_learn", "evaluate", "compare", "explain"]
+STAGES = ["prepare", "prepare_photos", "augment", "augment_photos", "train_scratch", "transfer_learn",
+          "transfer_photos", "evaluate", "compare", "explain"]
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -35,7 +36,7 @@ def ran(result: subprocess.CompletedProcess) -> list[str]:
     return re.findall(r"Running stage '([a-z_]+)'", result.stdout)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def repro(tmp_path_factory):
     repo = make_repo_copy(tmp_path_factory.mktemp("e2e") / "repo")
     first = dvc(repo, "repro")
@@ -55,7 +56,8 @@ def test_repro_runs_every_stage_offline(repro):
                  "mlflow.db"]:
         assert (repo / path).exists(), path
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
-    assert set(evaluate) == {"seed_mnist", "transfer_feature_extraction", "transfer_fine_tuning", "transfer_scratch"}
+    assert set(evaluate) == {"seed_mnist", "transfer_feature_extraction", "transfer_fine_tuning", "transfer_scratch",
+                             "photos_feature_extraction", "photos_fine_tuning", "photos_scratch"}
     data = json.loads((repo / "metrics/data.json").read_text())
     assert data["source"] == "embedded" and data["total"] == {"train": 140, "val": 30, "test": 30}
     assert evaluate["seed_mnist"]["test_images"] == 30
@@ -69,6 +71,16 @@ def test_repro_runs_every_stage_offline(repro):
     assert transfer["backbone"] == "efficientnet_lite0" and transfer["weights"] == "imagenet"
     for strategy, saved in transfer["saved_models"].items():
         assert evaluate[f"transfer_{strategy}"]["accuracy"] == pytest.approx(saved["test_acc"], abs=1e-6)
+    # The photo task: its own data (the real food photos, deduplicated, five classes), sweep and models, each
+    # scored on its own test split.
+    photos = json.loads((repo / "metrics/data_photos.json").read_text())
+    assert photos["source"] == "food_photos" and photos["num_classes"] == 5 and photos["image_size"] == 32
+    assert photos["source_details"]["classes"]["fish_seafood"]["photos"] == 117
+    sweep = json.loads((repo / "metrics/transfer_photos.json").read_text())
+    assert sweep["task"] == "photos" and sweep["test_images"] == photos["total"]["test"]
+    for strategy, saved in sweep["saved_models"].items():
+        assert evaluate[f"photos_{strategy}"]["accuracy"] == pytest.approx(saved["test_acc"], abs=1e-6)
+        assert evaluate[f"photos_{strategy}"]["test_images"] == photos["total"]["test"]
     compare = json.loads((repo / "metrics/compare.json").read_text())
     assert compare["static"]["resnet18"]["params"] == 11_689_512
     assert compare["static"]["seed_mnist"]["params"] == 421_642

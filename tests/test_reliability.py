@@ -122,22 +122,20 @@ def test_empty_params_file_is_an_error(repo):
     result = run_module("pipeline.stages.train_scratch", repo)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: params.yaml: empty (expected the sections seed, data, augment, model, "
-                                     "train, transfer, evaluate, compare, explain, trainer, mlflow)")
+                                     "train, transfer, photos, augment_photos, transfer_photos, evaluate, compare, explain, "
+                                     "trainer, mlflow)")
 
 
-def test_a_model_file_in_the_wrong_folder_is_named(repo):
-    from pipeline.models import checkpoint
-    from pipeline.models.classifier import Classifier
-    from pipeline.models.cnn import CNN, PRESETS
+def test_a_model_file_in_the_wrong_folder_is_named(repo, run_stage):
+    from tests.conftest import save_seed_model
 
-    model = Classifier(CNN(PRESETS["seed_mnist"], 1, 28, 10), [0.1], [0.3], 1)
-    meta = {"stage": "transfer_learn", "name": "fine_tuning_x", "strategy": "fine_tuning", "class_names": list("0123456789"),
-            "class_ids": list(range(10)), "image_size": 28}
-    checkpoint.save(repo / "models/scratch/model.pt", model, checkpoint.cnn_arch(PRESETS["seed_mnist"], 1, 28, 10), meta)
-    result = run_module("pipeline.stages.evaluate", repo)
-    assert result.returncode == 2
-    assert result.stderr.strip() == ("error: evaluate: models/scratch/model.pt holds a transfer_learn model "
-                                     "(fine_tuning_x), not one from train_scratch; rerun `dvc repro -f train_scratch`")
+    save_seed_model(repo / "models/scratch/model.pt", stage="transfer_learn", name="fine_tuning_x",
+                    strategy="fine_tuning")
+    result = run_stage(repo, "evaluate")
+    assert result.code == 2
+    assert result.err.strip() == ("error: evaluate: models/scratch/model.pt holds a transfer_learn model of the digits "
+                                  "task (fine_tuning_x), not one from train_scratch on digits; rerun `dvc repro -f` "
+                                  "of the stage that writes it")
     assert not (repo / "metrics/evaluate.json").exists()
 
 
@@ -156,7 +154,8 @@ def test_unknown_key_lists_the_allowed_ones():
 
     with pytest.raises(PipelineError) as err:
         parse({"train": {"lrr": 0.1}})
-    assert str(err.value).startswith("params.yaml: unknown key train.lrr (allowed: epochs, batch_size, optimizer, lr,")
+    assert str(err.value).startswith("params.yaml: unknown key train.lrr (allowed: optimizer, lr, momentum,")
+    assert "epochs, batch_size, early_stopping, limit_train_batches)" in str(err.value)
 
 
 if __name__ == "__main__":
@@ -265,7 +264,7 @@ def test_two_trainings_at_once_each_publish_their_own_weights(repo):
     import torch
     from mlflow import MlflowClient
 
-    from pipeline.models import checkpoint
+    from pipeline.models import loading
 
     edit_params(repo, train={"epochs": 6, "early_stopping": {"enabled": False, "patience": 5}})
     long = start_training(repo, "epoch 1/6")
@@ -283,8 +282,8 @@ def test_two_trainings_at_once_each_publish_their_own_weights(repo):
     assert long.wait(timeout=600) == 0
     long_run = json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
     assert long_run != short_run
-    model, meta = checkpoint.load(repo / "models/scratch/model.pt")
-    assert meta["mlflow_run_id"] == long_run
+    model, meta, _ = loading.load(repo / "models/scratch/model.pt")
+    assert meta.mlflow_run_id == long_run
     # The published weights are the long run's own best checkpoint, as logged to its MLflow run.
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     logged = client.download_artifacts(long_run, "checkpoints/best.ckpt", str(repo))

@@ -161,7 +161,7 @@ def test_tracking_server_with_basic_auth(prepared_repo, tmp_path):
 def test_ddp_on_two_cpu_processes_logs_one_run(prepared_repo, tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline.models import checkpoint
+    from pipeline.models import loading
 
     uri = f"sqlite:///{tmp_path}/ddp.db"
     repo, run_id = train_tiny(prepared_repo, tmp_path / "repo", uri, accelerator="cpu", devices=2, strategy="ddp")
@@ -171,8 +171,8 @@ def test_ddp_on_two_cpu_processes_logs_one_run(prepared_repo, tmp_path):
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert [r.info.run_id for r in runs] == [run_id]  # rank zero only
     assert runs[0].data.params["trainer.world_size"] == "2"
-    model, meta = checkpoint.load(repo / "models/scratch/model.pt")
-    assert meta["mlflow_run_id"] == run_id
+    model, meta, _ = loading.load(repo / "models/scratch/model.pt")
+    assert meta.mlflow_run_id == run_id
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
 
 

@@ -34,7 +34,7 @@ def curves(tmp_path) -> list[dict]:
 def test_tiny_run_is_fully_tracked(tmp_path, monkeypatch, mlflow_store, tiny_prepared):
     from mlflow import MlflowClient
 
-    from pipeline.models import checkpoint
+    from pipeline.models import loading
 
     monkeypatch.chdir(tmp_path)
     metrics = scratch_run(tmp_path, tiny_prepared)
@@ -59,9 +59,9 @@ def test_tiny_run_is_fully_tracked(tmp_path, monkeypatch, mlflow_store, tiny_pre
     digest = tiny_prepared.data_hash
     assert inputs == {(f"embedded/{s}", digest, s) for s in ("train", "val", "test")}
     # The saved model file holds the best epoch's weights, and the logged model is the same network.
-    model, meta = checkpoint.load(tmp_path / "models/scratch/model.pt")
+    model, meta, _ = loading.load(tmp_path / "models/scratch/model.pt")
     # A new version of the registered model, aliased candidate, tagged with what made it.
-    assert meta["registered_model"] == "cnn-pipeline-scratch" and meta["model_version"] == "1"
+    assert meta.registered_model == "cnn-pipeline-scratch" and meta.mlflow_run_id == run_id
     version = client.get_model_version_by_alias("cnn-pipeline-scratch", "candidate")
     assert str(version.version) == "1" and version.run_id == run_id
     assert version.tags["data_hash"] == tiny_prepared.data_hash and len(version.tags["params_hash"]) == 12
@@ -75,7 +75,7 @@ def test_tiny_run_is_fully_tracked(tmp_path, monkeypatch, mlflow_store, tiny_pre
             "np.save('pred.npy', m.predict(np.load('x.npy')));"
             "t = mlflow.pytorch.load_model(sys.argv[1]); import torch;"
             "print(tuple(t(torch.rand(5, 1, 28, 28)).shape))")
-    out = subprocess.run([sys.executable, "-I", "-c", code, meta["model_uri"]], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-I", "-c", code, f"runs:/{run_id}/model"], capture_output=True, text=True,
                          env={"MLFLOW_TRACKING_URI": mlflow_store, "PATH": "/usr/bin:/bin"}, cwd=tmp_path)
     assert out.stdout.strip().endswith("(5, 10)"), out.stderr[-2000:]
     assert np.allclose(np.load(tmp_path / "pred.npy"), expected, atol=1e-5)

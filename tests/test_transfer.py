@@ -10,10 +10,10 @@ import torch
 import torchvision
 
 from pipeline.data.datamodule import ImageDataModule, TensorDataModule
-from pipeline.data.fewshot import class_subset, per_class_indices
+from pipeline.data.prepared import class_subset, per_class_indices
 from pipeline.errors import PipelineError
-from pipeline.models import checkpoint, registry
-from pipeline.models.classifier import Classifier
+from pipeline.models import checkpoint, loading, registry
+from pipeline.models.cnn import Classifier
 from pipeline.models.transfer import (
     HeadOnly,
     TransferNet,
@@ -23,9 +23,9 @@ from pipeline.models.transfer import (
     load_imagenet_base,
 )
 from pipeline.models.weights import torchvision_weights_file
-from pipeline.params import TrainerParams
+from pipeline.params import TrainerParams, TransferParams
 from pipeline.training.fit import FitConfig, fit, seed_all
-from pipeline.training.module import ClassifierModule, OptimConfig
+from pipeline.training.module import ClassifierModule
 
 
 @pytest.mark.parametrize("name", list(registry.REGISTRY))
@@ -52,7 +52,7 @@ def test_frozen_base_is_bit_identical_after_a_step_while_the_head_changes():
     seed_all(0)
     model = Classifier(TransferNet("resnet18", 5, 16, 0.0, 32, 3), [0.5], [0.25], 3)
     freeze_base(model.net, 0)
-    module = ClassifierModule(model, 5, OptimConfig.from_params(lr=0.01, scheduler="none", warmup_epochs=0))
+    module = ClassifierModule(model, TransferParams(lr=0.01))
     module.train()
     assert not model.net.base[1].training  # frozen BatchNorm keeps its statistics
     base_before = {k: v.clone() for k, v in model.net.base.state_dict().items()}  # incl. BN buffers
@@ -69,8 +69,7 @@ def test_frozen_base_is_bit_identical_after_a_step_while_the_head_changes():
 def test_fine_tuning_gives_the_base_a_lower_lr():
     model = Classifier(TransferNet("resnet18", 5, 16, 0.0, 32, 3), [0.5], [0.25], 3)
     freeze_base(model.net, 2)  # the last two blocks (layer3, layer4) train
-    module = ClassifierModule(model, 5, OptimConfig.from_params(lr=1e-3, scheduler="none", warmup_epochs=0, base_prefix="net.base",
-                                                                base_lr_factor=0.1))
+    module = ClassifierModule(model, TransferParams(lr=1e-3), base_lr_factor=0.1)
     groups = {g["name"]: g for g in module.configure_optimizers().param_groups}
     assert groups["head"]["lr"] == pytest.approx(1e-3) and groups["base"]["lr"] == pytest.approx(1e-4)
     base_ids = {id(p) for p in groups["base"]["params"]}
@@ -95,12 +94,12 @@ def test_cached_feature_path_agrees_with_naive_loop(tmp_path, monkeypatch, mlflo
         bn_before = model.net.base[1].running_mean.clone()
         if cached:
             feats = {k: extract_features(model, v[0]) for k, v in (("train", train), ("val", splits["val"]))}
-            module = ClassifierModule(HeadOnly(model.net.head), 5, OptimConfig.from_params(lr=0.01))
+            module = ClassifierModule(HeadOnly(model.net.head), TransferParams(lr=0.01, scheduler="cosine"))
             dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])),
                                   (feats["val"], torch.as_tensor(splits["val"][1])), 8, 0)
         else:
-            module = ClassifierModule(model, 5, OptimConfig.from_params(lr=0.01))
-            dm = ImageDataModule({"train": train, "val": splits["val"]}, 8, 0, 0)
+            module = ClassifierModule(model, TransferParams(lr=0.01, scheduler="cosine"))
+            dm = ImageDataModule({"train": train, "val": splits["val"]}, 8, 0)
         result = fit(module, dm, FitConfig(TrainerParams(), 3))
         losses[cached] = [(r["train_loss"], r["val_loss"]) for r in result.rows]
         heads[cached] = model.net.head.state_dict()
@@ -175,8 +174,9 @@ def test_efficientnet_lite0_imagenet_weights_are_the_real_ones():
 
 def test_mismatching_checkpoint_names_the_first_bad_layer(tmp_path):
     arch = checkpoint.transfer_arch("seed_mnist", 5, 16, 0.0, 28, 1)
-    donor = checkpoint.build_classifier(arch, [0.5], [0.25])
-    checkpoint.save(tmp_path / "gray.pt", donor, arch, {"name": "gray"})
+    donor = loading.build_classifier(arch, [0.5], [0.25], 28)
+    checkpoint.save(tmp_path / "gray.pt", donor, arch, checkpoint.ModelMeta("transfer_learn", "gray", "digits",
+                                                                           list("01234"), [0, 1, 2, 3, 4], 28))
     rgb = TransferNet("seed_mnist", 5, 16, 0.0, 28, 3)
     with pytest.raises(PipelineError, match=r"layer 0.weight does not fit \(shape \(32, 1, 3, 3\); seed_mnist needs \(32, 3, 3, 3\)\)"):
         load_base_from_checkpoint(rgb, tmp_path / "gray.pt")
@@ -221,14 +221,13 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
         assert verdict["gap"] == pytest.approx(means[verdict["winner"]] - means[verdict["runner_up"]], abs=1e-6)
         assert verdict["clear"] == (verdict["gap"] > verdict["spread"])
     # The largest N, seed 0 is saved for evaluate, and its file reproduces the sweep's test accuracy.
-    from pipeline.evaluation import predict_proba
-    from pipeline.models import checkpoint
+    from pipeline.predict import predict_proba
 
     for st in strategies:
-        model, meta = checkpoint.load(tmp_path / f"models/transfer/{st}.pt")
+        model, meta, _ = loading.load(tmp_path / f"models/transfer/{st}.pt")
         acc = (predict_proba(model, tiny_prepared.x["test"], 28).argmax(1) == tiny_prepared.y["test"]).mean()
         assert acc == pytest.approx(result["saved_models"][st]["test_acc"], abs=1e-6), st
-        assert meta["target_per_class"] == 3
+        assert meta.target_per_class == 3 and meta.task == "digits" and meta.strategy == st
     client = MlflowClient(mlflow_store)
     parent = client.get_run(result["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
@@ -246,7 +245,6 @@ def test_source_task_base_is_pretrained_and_reused_by_the_target_models(tmp_path
 
     from pipeline import params as params_mod
     from pipeline.data import augment as aug
-    from pipeline.models import checkpoint
     from pipeline.models.transfer import TransferNet
     from pipeline.stages import transfer_learn
 
@@ -271,10 +269,10 @@ def test_source_task_base_is_pretrained_and_reused_by_the_target_models(tmp_path
     torch.manual_seed(0)
     untrained = TransferNet("seed_mnist", 5, 16, 0.0, 28, 1).base.state_dict()
     assert any(not torch.equal(base[k], untrained[k]) for k in base)  # pretraining changed the weights
-    frozen, meta = checkpoint.load(tmp_path / "models/transfer/feature_extraction.pt")
-    assert meta["class_ids"] == [5, 6, 7, 8, 9]  # the target task: the classes the base never saw
+    frozen, meta, _ = loading.load(tmp_path / "models/transfer/feature_extraction.pt")
+    assert meta.class_ids == [5, 6, 7, 8, 9]  # the target task: the classes the base never saw
     assert all(torch.equal(v, base[k]) for k, v in frozen.net.base.state_dict().items())
-    tuned, _ = checkpoint.load(tmp_path / "models/transfer/fine_tuning.pt")
+    tuned, _, _ = loading.load(tmp_path / "models/transfer/fine_tuning.pt")
     tuned_base = tuned.net.base.state_dict()
     assert any(not torch.equal(tuned_base[k], base[k]) for k in base if base[k].is_floating_point())
     saved = json.loads((tmp_path / "metrics/transfer_learn.json").read_text())

@@ -1,27 +1,40 @@
-"""Datasets and the LightningDataModule: uint8 arrays in, float [0, 1] CHW tensors out.
+"""The LightningDataModule: stored uint8 splits in, float [0, 1] (N, C, H, W) batches on the training device out.
 
-Augmentation runs on the train split only, each image with its own random draw (on whole batches as tensor
-operations when the pipeline allows, pipeline.data.batch_augment); val and test get only the resize. Normalization lives
-in the model (`pipeline.models.classifier.Classifier`), so exported models take plain pixels.
+One batch builder (`ImageDataset.take`), one place for batched augmentation (`on_after_batch_transfer`, on the
+device the batch is on) and one in-process loader (`Batches`) whose randomness is its own:
+
+- In-memory splits that fit (FLOAT_CACHE_BYTES) are converted to float once and placed on the training device
+  when fitting starts (`setup`): a batch is then one `index_select` there, no copy from the host.
+- The training split's augmentation runs on whole batches after they reach the device (augment.BatchAugment), with
+  a per-image draw. A pipeline the batched form does not cover, or `trainer.batched_augment: false` (or `auto` on
+  the CPU for large images, where cv2 is faster), runs albumentations image by image while batches are built.
+- Batch order: epoch e of a training split is `torch.randperm(n)` of a generator seeded with (seed, e) (Lightning
+  tells the loader the epoch, also after a resume); val and test keep their stored order. With loader worker
+  processes or under DDP the batches come from torch's DataLoader over the same data set (under DDP with
+  Lightning's distributed sampler) and its seeded generator.
+
+Normalization lives in the model (`pipeline.models.cnn.Classifier`), so exported models take plain pixels.
 """
 
 from __future__ import annotations
 
-from functools import cache
-
 import albumentations as A
-import cv2
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
 
-from pipeline.data.augment import apply
-from pipeline.data.batch_augment import BatchAugment
+from pipeline.data.augment import BatchAugment, apply
+from pipeline.predict import to_float
 
-# In-memory data sets up to this size are also held as one float tensor (4 bytes per pixel): a batch is then one
-# indexing, without the per-batch uint8 -> float conversion. Larger ones convert batch by batch.
+# In-memory data sets up to this size are held as one float tensor (4 bytes per value) on the training device.
+# Larger ones are converted batch by batch.
 FLOAT_CACHE_BYTES = 2 * 1024**3
+
+# trainer.batched_augment: auto on the CPU batches images of up to this many values (C x H x W; 64x64x3 is
+# 12,288). Per image on 2 CPU cores, batched vs albumentations: 28x28x1 13 vs 223 us, 64x64x3 88 vs 169 us,
+# 96x96x3 228 vs 212 us, 224x224x1 536 vs 345 us (cv2's uint8 warps win on large images). On a GPU: always.
+BATCHED_MAX_VALUES = 16_384
 
 
 def values_per_image(images: np.ndarray, image_size: int | None) -> int:
@@ -32,56 +45,47 @@ def values_per_image(images: np.ndarray, image_size: int | None) -> int:
 class ImageDataset(Dataset):
     """uint8 (N, H, W, C) images and labels as float (C, H, W) tensors in [0, 1], resized to image_size.
 
-    `transform` augments: an albumentations Compose runs image by image; a BatchAugment (the same pipeline as
-    tensor operations) runs once per batch on the float tensors."""
+    `per_image` (an albumentations Compose) augments image by image while a batch is built; without it the whole
+    set is one float tensor when it fits (`to` places it on a device)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: A.Compose | BatchAugment | None = None,
+    def __init__(self, images: np.ndarray, labels: np.ndarray, per_image: A.Compose | None = None,
                  image_size: int | None = None) -> None:
         self.images = images
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.transform = transform if transform is not None and len(transform.transforms) else None
+        self.per_image = per_image if per_image is not None and len(per_image.transforms) else None
         self.image_size = image_size if image_size and image_size != images.shape[1] else None
-        self.per_image = isinstance(self.transform, A.Compose)
-        self.rank = 0  # the DDP process that loads it: its workers seed their augmentation with it
-        self.image_bytes = 4 * values_per_image(images, self.image_size)  # as a float tensor
-        fits = len(images) * self.image_bytes <= FLOAT_CACHE_BYTES
-        self.tensor = _to_float(self._resized(images)) if fits and not self.per_image else None
+        self.rank = 0  # the DDP process that loads it: its loader workers seed their augmentation with it
+        fits = len(images) * 4 * values_per_image(images, self.image_size) <= FLOAT_CACHE_BYTES
+        self.tensor = to_float(images, self.image_size) if fits and self.per_image is None else None
+
+    def to(self, device: torch.device) -> ImageDataset:
+        """The float tensor and the labels on `device` (once, before the first batch)."""
+        if self.tensor is not None:
+            self.tensor = self.tensor.to(device)
+            self.labels = self.labels.to(device)
+        return self
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def take(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        """[images, labels] of a batch by index tensor: one `index_select` of the float tensor where there is
+        one, else the stored images converted (and augmented image by image, in order) in one go."""
+        if self.tensor is not None:
+            idx = idx.to(self.tensor.device)
+            return [torch.index_select(self.tensor, 0, idx), torch.index_select(self.labels, 0, idx)]
+        images = self.images[idx.cpu().numpy()]
+        if self.per_image is not None:
+            images = np.stack([apply(self.per_image, img) for img in images])
+        return [to_float(images, self.image_size), torch.index_select(self.labels, 0, idx.cpu())]
+
     def __getitems__(self, indices) -> Batch:
-        """A whole batch at once (the DataLoader asks for it so)."""
+        """A whole batch at once (torch's DataLoader asks for it so)."""
         return Batch(*self.take(torch.as_tensor(indices, dtype=torch.long)))
 
-    def take(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        """[images, labels] of a batch by index tensor. In memory: one indexing of the float tensor, then the
-        batched augmentation if any. With an albumentations Compose: the transform image by image (same images,
-        same random draws, in the same order as one image at a time), converted in one go."""
-        if self.tensor is not None:  # (never with a per-image transform)
-            images = torch.index_select(self.tensor, 0, idx)  # a copy (4x faster than tensor[idx] here)
-        elif self.per_image:
-            resized = self._resized(self.images[idx.numpy()])
-            images = _to_float(np.stack([apply(self.transform, img) for img in resized]))
-        else:
-            images = _to_float(self._resized(self.images[idx.numpy()]))
-        if self.transform is not None and not self.per_image:
-            images = self.transform(images)
-        return [images, torch.index_select(self.labels, 0, idx)]
-
-    def _resized(self, images: np.ndarray) -> np.ndarray:
-        if not self.image_size or not len(images):
-            return images
-        size = (self.image_size, self.image_size)
-        return np.stack([cv2.resize(img, size, interpolation=cv2.INTER_LINEAR).reshape(*size, -1) for img in images])
-
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        images, labels = self.__getitems__([i])
+        images, labels = self.take(torch.tensor([i]))
         return images[0], labels[0]
-
-
-def _to_float(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0).contiguous()
 
 
 class Batch(tuple):
@@ -97,30 +101,30 @@ def collate(samples):
 
 
 def seed_worker(_worker_id: int) -> None:
-    """Each loader worker reseeds its copy of the augmentation from torch's per-worker seed.
-
-    torch derives that seed from the main process's generator, so runs repeat exactly, while every
-    worker and every epoch still draws different augmentations; the data set's `rank` (the DDP process)
-    makes every process's workers draw their own.
-    """
+    """Each loader worker reseeds its copy of the per-image augmentation from torch's per-worker seed (derived
+    from the loader's seeded generator: runs repeat, workers and epochs differ) and the data set's DDP rank."""
     info = get_worker_info()
-    transform = getattr(info.dataset, "transform", None) if info else None
+    transform = getattr(info.dataset, "per_image", None) if info else None
     if transform is not None:
         transform.set_random_seed((torch.initial_seed() + getattr(info.dataset, "rank", 0)) % 2**32)
 
 
-class InMemoryLoader:
-    """Batches of an in-memory data set in the main process, without the DataLoader's per-batch machinery: the
-    same batches in the same order as `DataLoader(dataset, batch_size, shuffle, generator=..., drop_last=...)`,
-    because it draws from the generator exactly as that DataLoader and its RandomSampler do (a seed per epoch,
-    then the permutations; tests/test_augment.py compares the two). What `make_loader` gives when there are no
-    worker processes and no distributed training."""
+class Batches:
+    """The in-process loader: batches of `take` in the order of its own seeded permutation.
 
-    def __init__(self, dataset: Dataset, batch_size: int, shuffle: bool, drop_last: bool,
-                 generator: torch.Generator) -> None:
-        self.dataset, self.batch_size, self.drop_last, self.generator = dataset, batch_size, drop_last, generator
-        self.shuffle = shuffle
-        self.pin = _cuda()
+    Epoch e shuffles with `torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))`,
+    so a run repeats exactly and a resumed one sees the epochs it would have seen. Lightning sets the epoch
+    through `sampler.set_epoch`, as it does for a DataLoader's sampler. A shuffled split drops a short last batch
+    (a batch of one breaks BatchNorm)."""
+
+    def __init__(self, dataset: ImageDataset | TensorDataset, batch_size: int, shuffle: bool, seed: int) -> None:
+        self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
+        self.drop_last = shuffle and len(dataset) > batch_size
+        self.epoch = 0
+        self.sampler, self.batch_sampler = self, None  # where Lightning looks for set_epoch (as on a DataLoader)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         n = len(self.dataset)
@@ -128,124 +132,102 @@ class InMemoryLoader:
 
     def __iter__(self):
         n = len(self.dataset)
-        torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # DataLoader's per-epoch draw
-        if self.shuffle:  # RandomSampler's draws: its permutation, and a second one after its last index
-            order = torch.randperm(n, generator=self.generator)
-            torch.randperm(n, generator=self.generator)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
         else:
             order = torch.arange(n)
-        get, size, pin = fetcher(self.dataset), self.batch_size, self.pin
-        stop, chunk = len(self) * size, size * chunk_batches(self.dataset, size)
-        if chunk == size:  # batch by batch, in its own loop: at 13 us a batch, splitting or nesting shows
-            for start in range(0, stop, size):
-                batch = get(order[start : start + size])
-                yield [t.pin_memory() for t in batch] if pin else batch
-            return
-        for start in range(0, stop, chunk):
-            images, labels = get(order[start : min(start + chunk, stop)])
-            for batch in zip(images.split(size), labels.split(size), strict=True):
-                yield [t.pin_memory() for t in batch] if pin else list(batch)
+        take = self.dataset.take if isinstance(self.dataset, ImageDataset) else self._take_tensors
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            yield take(order[start : start + self.batch_size])
+
+    def _take_tensors(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.index_select(t, 0, idx.to(t.device)) for t in self.dataset.tensors]
 
 
-# Batched augmentation runs on up to this many bytes of images at once (several batches; the loader then hands
-# them out batch by batch): its per-call overhead, about 0.6 ms, is paid once per chunk instead of per batch.
-AUGMENT_CHUNK_BYTES = 32 * 1024**2
-
-
-def chunk_batches(dataset: Dataset, batch_size: int) -> int:
-    """Batches fetched together: several when a batched augmentation runs over them, else one."""
-    if not isinstance(dataset, ImageDataset) or dataset.transform is None or dataset.per_image:
-        return 1
-    return max(1, AUGMENT_CHUNK_BYTES // (dataset.image_bytes * batch_size))
-
-
-def fetcher(dataset: Dataset):
-    """One batch by index tensor: ImageDataset's batched fetch, or tensor indexing (TensorDataset)."""
-    if isinstance(dataset, ImageDataset) and dataset.tensor is not None and dataset.transform is None:
-        images, labels = dataset.tensor, dataset.labels  # plain in-memory data: two indexings, nothing else
-        return lambda idx: [torch.index_select(images, 0, idx), torch.index_select(labels, 0, idx)]
-    if isinstance(dataset, ImageDataset):
-        return dataset.take
-    return lambda idx: [torch.index_select(t, 0, idx) for t in dataset.tensors]
-
-
-@cache
-def _cuda() -> bool:
-    return torch.cuda.is_available()
-
-
-def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int,
-                seed: int) -> DataLoader | InMemoryLoader:
-    """The project's one way to build a loader: its own seeded generator (never the global RNG), per-worker
-    augmentation seeding, and no size-1 last training batch. Without worker processes and outside distributed
-    training the batches come from InMemoryLoader (the same batches, without the DataLoader's overhead); under
-    DDP Lightning puts its distributed sampler into the DataLoader."""
-    generator = torch.Generator().manual_seed(seed)
-    # A last training batch of one sample breaks BatchNorm (one value per channel on small maps): drop it.
-    drop_last = shuffle and len(dataset) > batch_size
+def make_loader(dataset: ImageDataset | TensorDataset, batch_size: int, shuffle: bool, seed: int,
+                num_workers: int = 0) -> Batches | DataLoader:
+    """Batches in process; torch's DataLoader (its seeded generator, per-worker augmentation seeds) with worker
+    processes or under distributed training, where Lightning puts its distributed sampler into it."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if num_workers == 0 and not distributed and isinstance(dataset, ImageDataset | TensorDataset):
-        return InMemoryLoader(dataset, batch_size, shuffle, drop_last, generator)
+    if num_workers == 0 and not distributed:
+        return Batches(dataset, batch_size, shuffle, seed)
+    on_host = not isinstance(dataset, ImageDataset) or dataset.tensor is None or dataset.tensor.device.type == "cpu"
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers, generator=generator,
-        drop_last=drop_last,
-        worker_init_fn=seed_worker if num_workers else None, persistent_workers=num_workers > 0, collate_fn=collate,
-        pin_memory=_cuda(),
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+        generator=torch.Generator().manual_seed(seed), drop_last=shuffle and len(dataset) > batch_size,
+        worker_init_fn=seed_worker if num_workers else None, persistent_workers=num_workers > 0,
+        collate_fn=collate, pin_memory=torch.cuda.is_available() and on_host,
     )
 
 
-# trainer.batched_augment: auto runs the augmentation on whole batches for images of up to this many values
-# (C x H x W; 64x64x3 is 12,288). Per image on 2 CPU cores, batched vs albumentations: 28x28x1 13 vs 223 us,
-# 64x64x3 88 vs 169 us, 96x96x3 228 vs 212 us, 224x224x1 536 vs 345 us (cv2's uint8 warps win on large images).
-BATCHED_MAX_VALUES = 16_384
-
-
 class ImageDataModule(pl.LightningDataModule):
-    """Train/val/test splits of uint8 arrays; the train split gets the augmentation, on whole batches when
-    `batched` (auto: for small images, BATCHED_MAX_VALUES) and the pipeline's transforms allow it
-    (pipeline.data.batch_augment), else image by image."""
+    """Train/val/test splits of uint8 arrays; the train split gets the augmentation (see the module's docstring).
 
-    def __init__(self, splits: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int, num_workers: int,
-                 seed: int, train_transform: A.Compose | None = None, image_size: int | None = None,
-                 batched: bool | str = "auto") -> None:
+    `batched`: true, false or auto (on a GPU always; on the CPU for images up to BATCHED_MAX_VALUES)."""
+
+    def __init__(self, splits: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int, seed: int,
+                 augment: A.Compose | None = None, image_size: int | None = None, batched: bool | str = "auto",
+                 num_workers: int = 0) -> None:
         super().__init__()
-        self.splits = splits
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.seed = seed
-        if batched == "auto":
-            batched = values_per_image(splits["train"][0], image_size) <= BATCHED_MAX_VALUES
-        self.train_transform = (BatchAugment.of(train_transform, seed) if batched else None) or train_transform
-        self.image_size = image_size
-        self._datasets: dict[tuple[str, bool], ImageDataset] = {}
-        self.rank = 0  # the DDP process (setup)
+        self.splits, self.batch_size, self.seed, self.num_workers = splits, batch_size, seed, num_workers
+        self.augment = augment if augment is not None and len(augment.transforms) else None
+        self.image_size, self.batched = image_size, batched
+        self.device, self.rank = torch.device("cpu"), 0
+        self.batch_augment: BatchAugment | None = None
+        self._datasets: dict[str, ImageDataset] = {}
 
     def setup(self, stage: str) -> None:
-        """Under DDP each process draws its own augmentations (same seed: every process the same draws)."""
-        self.rank = self.trainer.global_rank if self.trainer is not None else 0
-        for dataset in self._datasets.values():  # built before setup
+        """The training device and process are known now: data sets go there, each process draws its own
+        augmentations (rank 0 keeps the seed's)."""
+        if self.trainer is not None:
+            self.rank = self.trainer.global_rank
+            if self.num_workers == 0:  # worker processes read host memory
+                self.device = self.trainer.strategy.root_device
+        for dataset in self._datasets.values():  # built before fitting started
             dataset.rank = self.rank
-        if self.rank and self.train_transform is not None:
-            self.train_transform.set_random_seed(self.seed + self.rank)
+            dataset.to(self.device)
+        for augmentation in (self.batch_augment, getattr(self._datasets.get("train"), "per_image", None)):
+            if augmentation is not None:
+                augmentation.set_random_seed(self.seed + self.rank)
 
-    def dataset(self, split: str, augment: bool = False) -> ImageDataset:
-        """The split's data set, built once (its float tensor is made once, however often loaders are asked)."""
-        if (split, augment) not in self._datasets:
+    def _batched(self) -> BatchAugment | None:
+        if self.augment is None or self.batched is False:
+            return None
+        if self.batched == "auto" and self.device.type == "cpu" and values_per_image(
+                self.splits["train"][0], self.image_size) > BATCHED_MAX_VALUES:
+            return None
+        return BatchAugment.of(self.augment, self.seed + self.rank)
+
+    def dataset(self, split: str) -> ImageDataset:
+        """The split's data set, built once, on the training device."""
+        if split not in self._datasets:
+            per_image = None
+            if split == "train":
+                self.batch_augment = self._batched()
+                if self.batch_augment is None and self.augment is not None:
+                    per_image = self.augment
+                    per_image.set_random_seed(self.seed + self.rank)
             x, y = self.splits[split]
-            dataset = ImageDataset(x, y, self.train_transform if augment else None, self.image_size)
-            dataset.rank = self.rank  # for the loader's workers (seed_worker)
-            self._datasets[split, augment] = dataset
-        return self._datasets[split, augment]
+            dataset = ImageDataset(x, y, per_image, self.image_size)
+            dataset.rank = self.rank
+            self._datasets[split] = dataset.to(self.device)
+        return self._datasets[split]
 
-    def train_dataloader(self) -> DataLoader | InMemoryLoader:
-        return make_loader(self.dataset("train", augment=True), self.batch_size, True, self.num_workers,
-                           self.seed)
+    def train_dataloader(self) -> Batches | DataLoader:
+        return make_loader(self.dataset("train"), self.batch_size, True, self.seed + self.rank, self.num_workers)
 
-    def val_dataloader(self) -> DataLoader | InMemoryLoader:
-        return make_loader(self.dataset("val"), self.batch_size, False, self.num_workers, self.seed)
+    def val_dataloader(self) -> Batches | DataLoader:
+        return make_loader(self.dataset("val"), self.batch_size, False, self.seed, self.num_workers)
 
-    def test_dataloader(self) -> DataLoader | InMemoryLoader:
-        return make_loader(self.dataset("test"), self.batch_size, False, self.num_workers, self.seed)
+    def test_dataloader(self) -> Batches | DataLoader:
+        return make_loader(self.dataset("test"), self.batch_size, False, self.seed, self.num_workers)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training batches, now on the device, get the batched augmentation there."""
+        if self.batch_augment is not None and self.trainer is not None and self.trainer.training:
+            images, labels = batch
+            return [self.batch_augment(images), labels]
+        return batch
 
 
 class TensorDataModule(pl.LightningDataModule):
@@ -257,8 +239,13 @@ class TensorDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
         self.batch_size, self.seed = batch_size, seed
 
-    def train_dataloader(self) -> DataLoader | InMemoryLoader:
-        return make_loader(self.train_set, self.batch_size, True, 0, self.seed)
+    def setup(self, stage: str) -> None:
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        for data in (self.train_set, self.val_set):
+            data.tensors = tuple(t.to(device) for t in data.tensors)
 
-    def val_dataloader(self) -> DataLoader | InMemoryLoader:
-        return make_loader(self.val_set, self.batch_size, False, 0, self.seed)
+    def train_dataloader(self) -> Batches | DataLoader:
+        return make_loader(self.train_set, self.batch_size, True, self.seed)
+
+    def val_dataloader(self) -> Batches | DataLoader:
+        return make_loader(self.val_set, self.batch_size, False, self.seed)

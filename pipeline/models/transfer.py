@@ -32,7 +32,6 @@ class TransferNet(nn.Module):
         self.head = nn.Sequential(
             nn.Linear(channels, head_units), nn.ReLU(), nn.Dropout(head_dropout), nn.Linear(head_units, num_classes),
         )
-        self.feature_dim = channels
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.base(x))

@@ -18,16 +18,17 @@ from pipeline.atomic import atomic_set, write_csv, write_json, write_text
 from pipeline.data import augment as aug
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import PreparedData
-from pipeline.deps import check_outputs_writable
 from pipeline.errors import stage_main
-from pipeline.evaluation import accuracy, device_for, latency_ms, macs_per_image, predict_proba
+from pipeline.evaluation import latency_ms, macs_per_image
+from pipeline.fundamentals.summary import param_counts
 from pipeline.models import registry
-from pipeline.models.classifier import Classifier
+from pipeline.models.cnn import Classifier
+from pipeline.outputs import check_writable
+from pipeline.predict import accuracy, device_for, predict_proba
 from pipeline.rank import is_rank_zero
 from pipeline.report import compare_markdown
-from pipeline.training.callbacks import RunSpec
 from pipeline.training.fit import FitConfig, fit, seed_all
-from pipeline.training.module import ClassifierModule, OptimConfig
+from pipeline.training.module import ClassifierModule
 
 
 def static_row(name: str) -> dict:
@@ -64,8 +65,9 @@ def counted(names: list[str], parent_id: str, p) -> list[dict]:
     return rows
 
 
-def train_one(name: str, data: PreparedData, transform, parent_id: str, p) -> dict:
-    """One architecture trained on the prepared data at an input size it can use; its test accuracy and speed."""
+def train_one(name: str, data: PreparedData, augmentation, parent_id: str, p) -> dict:
+    """One architecture trained on the prepared data at an input size it can use (params.compare is its recipe);
+    its test accuracy and speed. Its run gets its results after the stage's outputs are written."""
     c = p.compare
     arch = registry.get(name)
     seed_all(p.seed)
@@ -75,29 +77,26 @@ def train_one(name: str, data: PreparedData, transform, parent_id: str, p) -> di
                else f"{c.epochs} epochs from scratch at {size}px")
     model = Classifier(arch.build(data.num_classes, size, channels), data.mean, data.std, channels)
     splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
-    datamodule = ImageDataModule(splits, c.batch_size, p.trainer.num_workers, p.seed, transform, size,
-                                p.trainer.batched_augment)
-    run = RunSpec(p.mlflow.experiment, f"compare/{name}", tracking.run_tags("compare", name, data.data_hash),
-                  {"architecture": name, "image_size": size, "epochs": c.epochs, "lr": c.lr, "batch_size": c.batch_size},
-                  (channels, size, size), artifacts=aug.artifacts(), log_model=False, parent_id=parent_id,
-                  datasets=tracking.dataset_inputs(data))
-    optim = OptimConfig.from_params(lr=c.lr, scheduler="cosine", warmup_epochs=0)
-    result = fit(ClassifierModule(model, data.num_classes, optim), datamodule,
-                 FitConfig(p.trainer, c.epochs, label=f"{name} "), run)
+    datamodule = ImageDataModule(splits, c.batch_size, p.seed, augmentation, size, p.trainer.batched_augment,
+                                 p.trainer.num_workers)
+    logged = params_mod.flatten({"compare": c}) | {"architecture": name, "image_size": size}
+    run = tracking.RunInfo(p.mlflow.experiment, f"compare/{name}", tracking.run_tags("compare", name, data.data_hash),
+                           logged, parent_id=parent_id)
+    result = fit(ClassifierModule(model, c), datamodule,
+                 FitConfig(p.trainer, c.epochs, monitor=c.monitor, gradient_clip_val=c.gradient_clip_val,
+                           label=f"{name} "), run)
     if not is_rank_zero():
         return {}
     device = device_for(p.trainer.accelerator)
     test_acc = accuracy(predict_proba(model, data.x["test"], size, device=device), data.y["test"])
     speed = latency_ms(model, (data.channels, size, size), c.latency_runs, 3, device)
     row = {"architecture": arch.display, "name": name, "input": f"{size}x{size}x{data.channels}",
-           "params": result.counts["total"], "macs": macs_per_image(model.cpu(), (data.channels, size, size)),
+           "params": param_counts(model.net)["total"], "macs": macs_per_image(model.cpu(), (data.channels, size, size)),
            "test_acc": round(test_acc, 6), "best_val_acc": round(result.best_val_acc, 6),
            "train_time_s": round(result.train_time_s, 2), "latency_ms_p50": round(speed["latency_ms_p50"], 4),
-           "limited_by": limited}
-    tracking.log_metrics(result.run_id, {"test_acc": test_acc, "macs": row["macs"],
-                                         "latency_ms_p50": row["latency_ms_p50"]})
+           "limited_by": limited, "mlflow_run_id": result.run_id}
     print(f"compare: {name}: test acc {test_acc:.4f} in {result.train_time_s:.1f}s", flush=True)
-    return row
+    return row | {"_model": model, "_input": (channels, size, size), "_epochs": result.epochs_run}
 
 
 def write_outputs(static: list[dict], trained: list[dict], parent_id: str) -> dict:
@@ -128,20 +127,31 @@ def run(p: params_mod.Params) -> dict:
     for name in [*p.compare.static, *p.compare.trained]:
         registry.get(name, "compare")  # unknown names fail before any work
     data = PreparedData.load()
-    transform = aug.load(aug.PIPELINE_PATH, seed=p.seed)
+    augmentation = aug.load(aug.PIPELINE_PATH, seed=p.seed)
     tracking.check_store()
     parent_id = tracking.start_run(p.mlflow.experiment, "compare", tracking.run_tags("compare", "all", data.data_hash))
     with tracking.ended(parent_id):
         tracking.log_params(parent_id, params_mod.flatten({"compare": p.compare, "seed": p.seed}))
         static = counted(p.compare.static, parent_id, p)
-        trained = [train_one(name, data, transform, parent_id, p) for name in p.compare.trained]
-        return write_outputs(static, trained, parent_id) if is_rank_zero() else {}
+        trained = [train_one(name, data, augmentation, parent_id, p) for name in p.compare.trained]
+        if not is_rank_zero():
+            return {}
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in trained]
+        metrics = write_outputs(static, rows, parent_id)
+        for r in trained:  # each trained architecture's run: its counts, results and the shared augmentation
+            tracking.publish_training(r["mlflow_run_id"], tracking.Publication(
+                model=r["_model"], input_shape=r["_input"], quiet=True, files=aug.artifacts(),
+                datasets=tracking.dataset_inputs(data),
+                summary={"test_acc": r["test_acc"], "best_val_acc": r["best_val_acc"], "macs": r["macs"],
+                         "latency_ms_p50": r["latency_ms_p50"], "train_time_s": r["train_time_s"],
+                         "epochs_run": r["_epochs"]}))
+        return metrics
 
 
 @stage_main
 def main() -> None:
     p = params_mod.load()
-    check_outputs_writable("compare")
+    check_writable("compare")
     run(p)
 
 

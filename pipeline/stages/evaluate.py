@@ -1,84 +1,94 @@
-"""evaluate: every trained model on the untouched test split, with speed on the current device.
+"""evaluate: every trained model on the untouched test split of its own task, with speed on the current device.
 
-Reads params: evaluate, trainer.accelerator. Reads models/scratch/model.pt and models/transfer/*.pt.
-Writes metrics/evaluate.json, reports/evaluate/<model>/ (per-class CSV, confusion matrices, worst images),
-plots/evaluate/predictions/<model>.csv (a DVC confusion plot); logs test_* metrics and figures to each
-model's own MLflow run.
+Reads params: evaluate, trainer.accelerator. Reads models/scratch/model.pt, models/transfer/*.pt and
+models/transfer_photos/*.pt (each model file names its task: digits or photos). Writes metrics/evaluate.json,
+reports/evaluate/<model>/ (per-class CSV, confusion matrices, worst images), plots/evaluate/predictions/<model>.csv
+(a DVC confusion plot); logs test_* metrics and figures to each model's own MLflow run and moves the registered
+model's `champion` alias when a version earns it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from pipeline import params as params_mod
-from pipeline import plots, tracking
+from pipeline import plots, tasks, tracking
 from pipeline.atomic import atomic_set, write_csv, write_json
 from pipeline.champion import crown
-from pipeline.data.fewshot import remap_labels
-from pipeline.data.prepared import PreparedData
-from pipeline.deps import check_outputs_writable
+from pipeline.data.prepared import PreparedData, remap_labels
 from pipeline.errors import PipelineError, stage_main
-from pipeline.evaluation import (
-    classification_report,
-    device_for,
-    latency_ms,
-    peak_memory_mb,
-    predict_proba,
-    throughput,
-)
-from pipeline.models import checkpoint
+from pipeline.evaluation import classification_report, latency_ms, peak_memory_mb, throughput
+from pipeline.models import checkpoint, loading
+from pipeline.models.cnn import Classifier
+from pipeline.outputs import check_writable
+from pipeline.predict import device_for, predict_proba
 
 REPORT_DIR = Path("reports/evaluate")
 PREDICTIONS_DIR = Path("plots/evaluate/predictions")
+# Where each stage's model files are, and the task of the models in a folder.
+MODEL_FOLDERS = {Path("models/scratch"): ("train_scratch", "digits"),
+                 **{t.models: ("transfer_learn", t.name) for t in tasks.TASKS.values()}}
 
 
-FOLDER_STAGE = {"scratch": "train_scratch", "transfer": "transfer_learn"}
+@dataclass
+class Measured:
+    """One model on the test images of its task and classes: its results, report and predictions."""
+
+    path: Path
+    model: Classifier
+    meta: checkpoint.ModelMeta
+    result: dict  # the metrics of evaluate.json
+    report: dict  # classification_report: per class, confusion
+    probs: np.ndarray
+    x: np.ndarray  # the test images it was measured on
+    y: np.ndarray
 
 
-def load_models() -> list[tuple[Path, object, dict]]:
+def load_models() -> list[tuple[Path, Classifier, checkpoint.ModelMeta]]:
     """Every model file, loaded and checked before anything is written: a file must hold its folder's kind."""
-    files = [Path("models/scratch/model.pt"), *sorted(Path("models/transfer").glob("*.pt"))]
-    found = [f for f in files if f.exists()]
+    found = [f for folder in MODEL_FOLDERS for f in sorted(folder.glob("*.pt"))]
     if not found:
         raise PipelineError("evaluate: no trained models in models/ (run `dvc repro train_scratch` first)")
     models = []
     for path in found:
-        model, meta = checkpoint.load(path)
-        expected = FOLDER_STAGE[path.parent.name]
-        if meta.get("stage") != expected:
-            raise PipelineError(f"evaluate: {path} holds a {meta.get('stage')} model ({meta.get('name')}), not "
-                                f"one from {expected}; rerun `dvc repro -f {expected}`")
+        model, meta, _ = loading.load(path)
+        stage, task = MODEL_FOLDERS[path.parent]
+        if (meta.stage, meta.task) != (stage, task):
+            raise PipelineError(f"evaluate: {path} holds a {meta.stage} model of the {meta.task} task ({meta.name}), "
+                                f"not one from {stage} on {task}; rerun `dvc repro -f` of the stage that writes it")
         models.append((path, model, meta))
     return models
 
 
-def measure(path: Path, model, meta: dict, data: PreparedData, e, accelerator: str) -> dict:
+def measure(path: Path, model: Classifier, meta: checkpoint.ModelMeta, data: PreparedData, e,
+            device: torch.device) -> Measured:
     """Predictions, metrics and speed of one model on the test images of its classes (nothing written)."""
-    class_ids, size = meta["class_ids"], meta["image_size"]
-    mask = np.isin(data.y["test"], class_ids)
-    x_test, y_test = data.x["test"][mask], remap_labels(data.y["test"][mask], class_ids)
-    device = device_for(accelerator)
-    probs = predict_proba(model, x_test, size, e.batch_size, device)
-    report = classification_report(y_test, probs, meta["class_names"], e.top_k, e.ece_bins)
-    shape = (data.channels, size, size)
+    mask = np.isin(data.y["test"], meta.class_ids)
+    x_test, y_test = data.x["test"][mask], remap_labels(data.y["test"][mask], meta.class_ids)
+    probs = predict_proba(model, x_test, meta.image_size, e.batch_size, device)
+    report = classification_report(y_test, probs, meta.class_names, e.top_k, e.ece_bins)
+    shape = (data.channels, meta.image_size, meta.image_size)
     speed = latency_ms(model, shape, e.latency_runs, e.warmup_runs, device)
     speed["throughput_images_per_s"] = throughput(model, shape, e.batch_size, device)
     speed["peak_memory_mb"] = peak_memory_mb(model, shape, e.batch_size, device)
     speed["model_file_mb"] = path.stat().st_size / 2**20
     result = {k: round(v, 6) if isinstance(v, float) else v for k, v in (report | speed).items()
               if k not in ("confusion", "per_class")}
-    result |= {"device": device.type, "test_images": int(len(y_test)), "mlflow_run_id": meta.get("mlflow_run_id")}
-    return {"result": result, "report": report, "probs": probs, "x": x_test, "y": y_test, "meta": meta}
+    result |= {"task": meta.task, "device": device.type, "test_images": int(len(y_test)),
+               "mlflow_run_id": meta.mlflow_run_id}
+    return Measured(path, model, meta, result, report, probs, x_test, y_test)
 
 
-def write_reports(name: str, m: dict, worst: int, stage) -> list[Path]:
+def write_reports(name: str, m: Measured, worst: int, stage) -> list[Path]:
     """The model's per-class CSV, confusion matrices, worst images and predictions CSV (a DVC plot), staged
     in an atomic set; returns the staged report files."""
-    out, names, probs, y = stage(REPORT_DIR / name, folder=True), m["meta"]["class_names"], m["probs"], m["y"]
-    cm = m["report"]["confusion"]
-    write_csv(out / "per_class.csv", m["report"]["per_class"])
+    out, names, probs, y = stage(REPORT_DIR / name, folder=True), m.meta.class_names, m.probs, m.y
+    cm = m.report["confusion"]
+    write_csv(out / "per_class.csv", m.report["per_class"])
     files = [
         plots.confusion_matrix(cm, names, out / "confusion.png", f"{name}: confusion (counts)"),
         plots.confusion_matrix(cm, names, out / "confusion_normalized.png", f"{name}: confusion (recall)",
@@ -89,45 +99,49 @@ def write_reports(name: str, m: dict, worst: int, stage) -> list[Path]:
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]])][:worst]
     if len(wrong):
         files.append(plots.image_grid(
-            [m["x"][i] for i in wrong], [f"{names[y[i]]}->{names[pred[i]]} {probs[i, pred[i]]:.2f}" for i in wrong],
+            [m.x[i] for i in wrong], [f"{names[y[i]]}->{names[pred[i]]} {probs[i, pred[i]]:.2f}" for i in wrong],
             out / "most_confident_errors.png", cols=8, suptitle=f"{name}: most confidently wrong (true->pred)"))
     write_csv(stage(PREDICTIONS_DIR / f"{name}.csv"),
               [{"actual": names[t], "predicted": names[p]} for t, p in zip(y, pred, strict=True)])
     return [*files, out / "per_class.csv"]
 
 
-def model_name(meta: dict) -> str:
-    return meta["name"] if meta["stage"] == "train_scratch" else f"transfer_{meta['strategy']}"
-
-
 def run(p: params_mod.Params) -> dict:
-    """Every model file on the test split: all measured first, then all reports written, then all logged to
-    each model's MLflow run (a run that cannot be written to stops the stage with one line)."""
-    data = PreparedData.load()
+    """Every model file on its task's test split: all measured first, then all reports written, then all logged
+    to each model's MLflow run (a run that cannot be written to stops the stage with one line)."""
+    data = {name: PreparedData.load(t.prepared) for name, t in tasks.TASKS.items()
+            if any(t.models.glob("*.pt")) or name == "digits"}
     tracking.check_store()
-    measured = {model_name(meta): measure(path, model, meta, data, p.evaluate, p.trainer.accelerator)
+    device = device_for(p.trainer.accelerator)
+    measured = {meta.label: measure(path, model, meta, data[meta.task], p.evaluate, device)
                 for path, model, meta in load_models()}
-    results = {name: m["result"] for name, m in measured.items()}
+    results = {name: m.result for name, m in measured.items()}
     with atomic_set() as stage:  # every model's reports and the metrics, or none of them
         staged = {name: write_reports(name, m, p.evaluate.worst_images, stage) for name, m in measured.items()}
         write_json(stage("metrics/evaluate.json"), results)
-    files = {name: [REPORT_DIR / name / f.name for f in fs] for name, fs in staged.items()}
-    for name, result in results.items():
-        print(f"evaluate: {name}: test acc {result['accuracy']:.4f}, f1_macro {result['f1_macro']:.4f}, "
-              f"ece {result['ece']:.4f}, latency p50 {result['latency_ms_p50']:.2f} ms ({result['device']})",
-              flush=True)
-        if result["mlflow_run_id"]:
-            log_to_run(run_for(p, name, result["mlflow_run_id"], data.data_hash), result, files[name])
-        m = measured[name]
-        if m["meta"].get("model_version") and not tracking.version_exists(m["meta"]["registered_model"],
-                                                                           str(m["meta"]["model_version"])):
-            print(f"evaluate: {m['meta']['registered_model']} v{m['meta']['model_version']} is not registered in "
-                  "this tracking store; the champion is left as it is", flush=True)
-        elif m["meta"].get("model_version"):
-            line = crown(m["meta"]["registered_model"], str(m["meta"]["model_version"]), m["result"]["accuracy"],
-                         (m["x"], m["y"], m["meta"]["image_size"]), data.data_hash, device_for(p.trainer.accelerator))
-            print(f"evaluate: {line}", flush=True)
+    for name, m in measured.items():
+        r = m.result
+        print(f"evaluate: {name}: test acc {r['accuracy']:.4f}, f1_macro {r['f1_macro']:.4f}, "
+              f"ece {r['ece']:.4f}, latency p50 {r['latency_ms_p50']:.2f} ms ({r['device']})", flush=True)
+        if r["mlflow_run_id"]:
+            files = [REPORT_DIR / name / f.name for f in staged[name]]
+            log_to_run(run_for(p, name, r["mlflow_run_id"], data[m.meta.task].data_hash), r, files)
+        champion(m, data[m.meta.task].data_hash, device)
     return results
+
+
+def champion(m: Measured, data_hash: str, device: torch.device) -> None:
+    """The registered model's champion alias, moved to this model's version when it earns it."""
+    name, run_id = m.meta.registered_model, m.meta.mlflow_run_id
+    if not name or not run_id:
+        return
+    version = tracking.version_of_run(name, run_id)
+    if version is None:
+        print(f"evaluate: {name}: the version of run {run_id} is not registered in this tracking store; the "
+              "champion is left as it is", flush=True)
+        return
+    line = crown(name, version, m.result["accuracy"], (m.x, m.y, m.meta.image_size), data_hash, device)
+    print(f"evaluate: {line}", flush=True)
 
 
 def run_for(p: params_mod.Params, name: str, training_run: str, data_hash: str) -> str:
@@ -158,7 +172,7 @@ def log_to_run(run_id: str, result: dict, files: list[Path]) -> None:
 @stage_main
 def main() -> None:
     p = params_mod.load()
-    check_outputs_writable("evaluate")
+    check_writable("evaluate")
     run(p)
 
 

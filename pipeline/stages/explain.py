@@ -19,12 +19,12 @@ from pipeline import params as params_mod
 from pipeline import plots, tracking
 from pipeline.atomic import atomic_dir, write_csv
 from pipeline.data.prepared import PreparedData
-from pipeline.deps import check_outputs_writable
 from pipeline.errors import stage_main
 from pipeline.fundamentals.filters import CLASSIC_FILTERS, apply_filter, to_gray
 from pipeline.fundamentals.ops import pool2d
 from pipeline.fundamentals.summary import layer_table, table_rows
-from pipeline.models import checkpoint
+from pipeline.models import loading
+from pipeline.outputs import check_writable
 
 OUT = Path("plots/explain")
 MODEL = Path("models/scratch/model.pt")
@@ -93,7 +93,7 @@ def run(p: params_mod.Params) -> list[Path]:
     """Figures of the fundamentals on the trained scratch model; logged to its MLflow run."""
     e = p.explain
     data = PreparedData.load()
-    model, meta = checkpoint.load(MODEL)
+    model, meta, _ = loading.load(MODEL)
     figures = []
     rng = np.random.default_rng(p.seed)
     picks = rng.choice(len(data.x["test"]), size=min(e.images, len(data.x["test"])), replace=False)
@@ -103,19 +103,19 @@ def run(p: params_mod.Params) -> list[Path]:
         figures.append(pooling_figure(data.x["test"][picks[0]], out / "pooling.png"))
         first_conv = next(m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d))
         figures.append(plots.filter_grid(first_conv.weight.detach().cpu().numpy(), out / "first_layer_filters.png",
-                                         f"{meta['name']}: learned first-layer filters "
+                                         f"{meta.name}: learned first-layer filters "
                                          f"({first_conv.out_channels} x {first_conv.kernel_size[0]}x"
                                          f"{first_conv.kernel_size[1]})"))
         for n, i in enumerate(picks):
             image = data.x["test"][i]
             figures.append(plots.feature_maps(block_outputs(model, image), image, out / f"feature_maps_{n}.png",
                                               e.max_maps))
-        size = meta["image_size"]
+        size = meta.image_size
         rows = table_rows(layer_table(model.net, (data.channels, size, size)))
         write_csv(out / "layers.csv", rows)
     figures = [OUT / f.name for f in figures]
 
-    run_id = meta.get("mlflow_run_id")
+    run_id = meta.mlflow_run_id
     if run_id:
         tracking.check_store()
         for fig in [*figures, OUT / "layers.csv"]:
@@ -128,7 +128,7 @@ def run(p: params_mod.Params) -> list[Path]:
 @stage_main
 def main() -> None:
     p = params_mod.load()
-    check_outputs_writable("explain")
+    check_writable("explain")
     run(p)
 
 

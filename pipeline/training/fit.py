@@ -1,32 +1,48 @@
-"""`fit`: one training with Lightning. The Trainer comes from params.trainer; side effects are callbacks:
-EpochRecorder (rows per epoch), ModelCheckpoint + RestoreBest (the best weights) and MLflowTracking (the run).
+"""`fit`: one training with Lightning, and what happened as a value (FitResult).
+
+The Trainer comes from params.trainer (the GPU when there is one, the CPU otherwise; Lightning's own DDP when
+asked). Callbacks do in-loop work only: EpochRecorder keeps a row per epoch, StopOnNonFinite stops a diverged
+training, ModelCheckpoint keeps the best and the last weights. After training, the module holds the best
+checkpoint's weights. The MLflow run is Lightning's MLflow logger (live per-epoch metrics); everything else the
+run gets is published by the stage afterwards (pipeline.tracking.publish_training).
+
+A keyed training (`FitConfig.resume_key`: the stage, its params and data) killed midway resumes from its last
+epoch on the next call, in the same MLflow run; a last checkpoint that cannot be read is set aside, and the
+training starts over.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 
-from pipeline.errors import Interrupted, interrupted
+from pipeline import tracking
+from pipeline.errors import Interrupted, PipelineError, interrupted
+from pipeline.params import TrainerParams, TrainParams
 from pipeline.rank import is_rank_zero
-from pipeline.training.callbacks import RestoreBest, RunSpec, StopOnNonFinite, best_row
-from pipeline.training.trainer import build_trainer
+from pipeline.training.module import MONITOR_MODES
 
 CHECKPOINT_ROOT = Path(".cache/checkpoints")
+CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
 @dataclass(frozen=True)
 class FitConfig:
-    """How a training runs: everything but the model, the data and the tracking."""
+    """How a training runs: everything but the model, the data and the run."""
 
-    trainer: object  # params.TrainerParams
+    trainer: TrainerParams
     epochs: int
     monitor: str = "val_acc"  # picks the best checkpoint (and stops early, with patience)
     patience: int | None = None  # early stopping; None: off
@@ -34,13 +50,12 @@ class FitConfig:
     limit_train_batches: float = 1.0
     val_every: int = 1  # validate every n epochs
     label: str = ""  # prefix of the per-epoch console lines
-    quiet: bool = False  # no per-epoch lines, no layer table (sweeps)
-    keep_checkpoint: bool = False  # keep the run's checkpoint folder (the caller copies and removes it)
+    quiet: bool = False  # no per-epoch lines (sweeps)
     resume_key: str | None = None  # trainings with a key resume from their last checkpoint after a kill
-    callbacks: tuple = ()
+    callbacks: tuple = ()  # more in-loop callbacks (benchmarks' timers)
 
     @classmethod
-    def from_params(cls, train, trainer, **overrides) -> FitConfig:
+    def from_train(cls, train: TrainParams, trainer: TrainerParams, **overrides) -> FitConfig:
         """From the params.train and params.trainer sections."""
         stop = train.early_stopping
         return cls(trainer=trainer, epochs=train.epochs, monitor=train.monitor,
@@ -50,19 +65,149 @@ class FitConfig:
 
 @dataclass
 class FitResult:
-    run_id: str | None
+    """What a training did: a row per epoch, its best epoch, time, processes, its MLflow run and checkpoint."""
+
     rows: list[dict[str, float]]
-    best_val_acc: float
-    best_val_loss: float
-    epochs_run: int
+    best: dict[str, float]  # the row of the epoch the monitor prefers
     train_time_s: float
-    best_checkpoint: Path | None
-    counts: dict[str, int] = field(default_factory=dict)
-    model_uri: str | None = None
-    model_version: str | None = None  # the registered model's new version, when the run registered one
-    world_size: int = 1  # processes that trained (devices x nodes under DDP)
+    world_size: int  # processes that trained (devices x nodes under DDP)
+    run_id: str | None = None
+    checkpoint_dir: Path | None = None  # best.ckpt and last.ckpt, kept for the caller (keep_checkpoint)
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.rows)
+
+    @property
+    def best_val_acc(self) -> float:
+        return float(self.best.get("val_acc", math.nan))
+
+    @property
+    def best_val_loss(self) -> float:
+        return float(self.best.get("val_loss", math.nan))
+
+    @property
+    def best_checkpoint(self) -> Path | None:
+        path = self.checkpoint_dir / "best.ckpt" if self.checkpoint_dir else None
+        return path if path and path.exists() else None
+
+    def discard_checkpoints(self) -> None:
+        if self.checkpoint_dir is not None:
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
 
 
+def best_row(rows: list[dict[str, float]], monitor: str) -> dict[str, float]:
+    """The epoch the monitor prefers (val_acc: highest, val_loss: lowest), among validated epochs."""
+    validated = [r for r in rows if monitor in r]
+    if not validated:
+        return {}
+    pick = max if MONITOR_MODES[monitor] == "max" else min
+    return pick(validated, key=lambda r: r[monitor])
+
+
+# ----------------------------------------------------------------------------------------- callbacks
+class EpochRecorder(pl.Callback):
+    """One row per epoch (losses, accuracies, lr, epoch time); epoch time and lr also go to the logger."""
+
+    def __init__(self, print_lines: bool = False, label: str = "") -> None:
+        self.rows: list[dict[str, float]] = []
+        self.print_lines, self.label = print_lines, label
+        self._start = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    # The rows travel in Lightning's checkpoints, so a resumed training keeps the epochs before the kill.
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict.get("rows", []))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        seconds = time.perf_counter() - self._start
+        m = trainer.callback_metrics
+        row = {"epoch": trainer.current_epoch + 1, "step": trainer.global_step}
+        row |= {k: round(float(m[k]), 6) for k in CURVE_KEYS[:4] if k in m}
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        row |= {"lr": lr, "epoch_time_s": round(seconds, 4)}
+        self.rows.append(row)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics({"epoch_time_s": seconds, "lr": lr}, step=trainer.global_step)
+        if self.print_lines and is_rank_zero():
+            parts = " ".join(f"{k}={row[k]:.4g}" for k in CURVE_KEYS if k in row)
+            print(f"{self.label}epoch {row['epoch']}/{trainer.max_epochs} {parts} ({seconds:.1f}s)", flush=True)
+
+
+class StopOnNonFinite(pl.Callback):
+    """A diverged training stops with one line (which epoch, which metric) instead of publishing a NaN model."""
+
+    def _check(self, trainer, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            value = trainer.callback_metrics.get(key)
+            if value is not None and not math.isfinite(float(value)):
+                lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+                raise PipelineError(f"training diverged: {key} is {float(value)} at epoch {trainer.current_epoch + 1} "
+                                    f"(lr {lr:g}); lower the learning rate or set gradient clipping")
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._check(trainer, ("train_loss",))
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._check(trainer, ("val_loss",))
+
+
+# ------------------------------------------------------------------------------------------- trainer
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """`auto`: bf16 mixed on GPUs that support it, fp16 mixed on older GPUs, 32-bit on the CPU."""
+    if precision != "auto":
+        return precision
+    on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if not on_gpu:
+        return "32-true"
+    return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+
+
+def interactive() -> bool:
+    """A rich progress bar in a terminal; one plain line per epoch under CI or in a log file."""
+    return sys.stdout.isatty() and not os.environ.get("CI")
+
+
+def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None) -> tuple[pl.Trainer, EpochRecorder]:
+    """A Trainer for a FitConfig, and the epoch recorder whose rows fit returns."""
+    tp = config.trainer
+    if tp.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"trainer.accelerator={tp.accelerator}: this machine has no CUDA GPU "
+                            "(use auto, which picks the GPU when there is one, or cpu)")
+    if tp.deterministic:  # cuBLAS needs this for deterministic matmuls on the GPU; harmless on the CPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # Lightning's banners ("GPU available: False", tips) say nothing the stage does not say itself.
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    show_bar = interactive() and not config.quiet
+    recorder = EpochRecorder(print_lines=not show_bar and not config.quiet, label=config.label)
+    mode = MONITOR_MODES[config.monitor]
+    callbacks = [recorder, StopOnNonFinite(), *config.callbacks,
+                 ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=config.monitor, mode=mode,
+                                 save_top_k=1, save_last=True, enable_version_counter=False)]
+    if config.patience:
+        callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
+    if show_bar:
+        callbacks.append(RichProgressBar())
+    limit = config.limit_train_batches
+    limit = int(limit) if limit > 1 else (None if limit == 1.0 else limit)
+    trainer = pl.Trainer(
+        accelerator=tp.accelerator, devices=tp.devices, num_nodes=tp.num_nodes, strategy=tp.strategy,
+        precision=resolve_precision(tp.precision, tp.accelerator), deterministic=tp.deterministic,
+        max_epochs=config.epochs, logger=logger if logger is not None else False, callbacks=callbacks,
+        enable_progress_bar=show_bar, enable_model_summary=False, num_sanity_val_steps=0,
+        gradient_clip_val=config.gradient_clip_val or None, limit_train_batches=limit, log_every_n_steps=1,
+        check_val_every_n_epoch=config.val_every,
+    )
+    return trainer, recorder
+
+
+# -------------------------------------------------------------------------------------------- resume
 @dataclass(frozen=True)
 class Resume:
     """Where a training checkpoints, and what a killed run with the same key left to resume from."""
@@ -111,24 +256,30 @@ def read_epoch(path: Path) -> tuple[int, str | None]:
         return 0, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
 
 
+# ----------------------------------------------------------------------------------------------- fit
 def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: FitConfig,
-        run: RunSpec | None = None) -> FitResult:
-    """Train `module`; with `run` the training is one MLflow run (see callbacks.MLflowTracking). The best
-    checkpoint's weights are in `module` afterwards. A keyed training killed midway resumes on the next call."""
+        run: tracking.RunInfo | None = None, keep_checkpoint: bool = False) -> FitResult:
+    """Train `module` on `datamodule`; with `run`, in that MLflow run (a new one, or the killed one resumed).
+    Afterwards the module holds the best checkpoint's weights; `keep_checkpoint` leaves its folder to the caller
+    (FitResult.discard_checkpoints)."""
     resume = checkpoint_folder(config.resume_key)
-    ckpt_dir, resume_from, run_id = resume.folder, resume.checkpoint, resume.run_id
-    if resume_from is not None:
-        print(f"{config.label or 'fit: '}resuming after epoch {resume.epochs_done} from {resume_from} (MLflow run "
-              f"{run_id} continues)", flush=True)
-    tracker = run.callback(run_id) if run is not None else None
-    if tracker is not None and config.resume_key and is_rank_zero():
-        (ckpt_dir / "mlflow_run_id").write_text(tracker.logger.run_id)
-    trainer, recorder, checkpoint = build_trainer(
-        config, ckpt_dir, logger=tracker.logger if tracker else None,
-        callbacks=[StopOnNonFinite(), RestoreBest(), *([tracker] if tracker else []), *config.callbacks])
+    if resume.checkpoint is not None:
+        print(f"{config.label or 'fit: '}resuming after epoch {resume.epochs_done} from {resume.checkpoint} "
+              f"(MLflow run {resume.run_id} continues)", flush=True)
+    logger = tracking.training_logger(run, resume.run_id) if run is not None else None
+    run_id = logger.run_id if logger is not None and is_rank_zero() else None
+    if run_id and config.resume_key:
+        (resume.folder / "mlflow_run_id").write_text(run_id)
+    trainer, recorder = build_trainer(config, resume.folder, logger)
+    if run_id:
+        tracking.log_params(run_id, {"trainer.world_size": trainer.world_size})  # the processes DDP starts
+    if config.trainer.channels_last:  # NHWC convolution weights: activations follow (the oneDNN and cuDNN rule)
+        module.to(memory_format=torch.channels_last)
+    if config.trainer.compile:  # beside the model, not in it: checkpoints and the logged model stay plain
+        module.__dict__["compiled"] = torch.compile(module.model)
     try:
         start = time.perf_counter()
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint)
         train_time = time.perf_counter() - start
         if trainer.interrupted:  # Lightning stops quietly on SIGTERM: a stopped training is not a result
             raise interrupted() or Interrupted(signal.SIGTERM)
@@ -137,26 +288,20 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: 
         raise (interrupted() or Interrupted(signal.SIGINT)) from None
     except BaseException:
         if not config.resume_key:  # a keyed training keeps its folder to resume from
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+            shutil.rmtree(resume.folder, ignore_errors=True)
         raise
-    if not config.keep_checkpoint:
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    best = best_row(recorder.rows, config.monitor)
-    path = Path(checkpoint.best_model_path) if checkpoint.best_model_path else None
-    return FitResult(
-        run_id=tracker.run_id if tracker else None, rows=recorder.rows,
-        best_val_acc=float(best.get("val_acc", float("nan"))), best_val_loss=float(best.get("val_loss", float("nan"))),
-        epochs_run=len(recorder.rows), train_time_s=train_time,
-        best_checkpoint=path if config.keep_checkpoint and path and path.exists() else None,
-        counts=tracker.counts if tracker else {}, model_uri=tracker.model_uri if tracker else None,
-        model_version=tracker.model_version if tracker else None, world_size=trainer.world_size,
-    )
+    finally:
+        module.__dict__.pop("compiled", None)
+    best = Path(trainer.checkpoint_callback.best_model_path or "")
+    if best.is_file():  # the best epoch's weights, not the last epoch's
+        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    result = FitResult(rows=recorder.rows, best=best_row(recorder.rows, config.monitor), train_time_s=train_time,
+                       world_size=trainer.world_size, run_id=run_id, checkpoint_dir=resume.folder)
+    if not keep_checkpoint:
+        result.discard_checkpoints()
+        result.checkpoint_dir = None
+    return result
 
 
 def seed_all(seed: int) -> None:
     pl.seed_everything(seed, workers=True, verbose=False)
-
-
-def load_lightning_state(path: Path) -> dict[str, torch.Tensor]:
-    """The module's weights from a Lightning checkpoint this process wrote (full pickle: our own file)."""
-    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]

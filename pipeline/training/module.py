@@ -1,15 +1,21 @@
-"""The LightningModule that trains any classifier: loss, accuracy, optimizer and schedule."""
+"""The LightningModule that trains any classifier: loss, accuracy, and the optimisation its params section names.
+
+The recipe is a params section that trains (params.train, params.transfer, params.compare: each a RecipeParams):
+the module reads it as it is, so a training has no setting params.yaml does not show.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from pipeline.training.callbacks import MONITOR_MODES
+from pipeline.params import RecipeParams
+
+MONITOR_MODES = {"val_acc": "max", "val_loss": "min"}  # what "better" means for each metric a training monitors
 
 
 def set_frozen_eval(model: nn.Module) -> None:
@@ -21,41 +27,17 @@ def set_frozen_eval(model: nn.Module) -> None:
             m.eval()
 
 
-@dataclass(frozen=True)
-class OptimConfig:
-    """The optimisation of params.train, field for field; the defaults are the schema's (from_params)."""
-
-    optimizer: str
-    lr: float
-    momentum: float
-    weight_decay: float
-    label_smoothing: float
-    scheduler: str
-    warmup_epochs: int
-    step_size: int
-    gamma: float
-    monitor: str
-    # Parameters under this attribute path (e.g. "net.base") train at lr * base_lr_factor.
-    base_prefix: str | None = None
-    base_lr_factor: float = 1.0
-
-    @classmethod
-    def from_params(cls, train=None, **overrides) -> OptimConfig:
-        """From a params.train section (default: the schema's defaults), with overrides by name."""
-        from pipeline.params import TrainParams
-
-        train = train if train is not None else TrainParams()
-        names = [f.name for f in fields(cls) if f.name not in ("base_prefix", "base_lr_factor")]
-        return cls(**({name: getattr(train, name) for name in names} | overrides))
-
-
 class ClassifierModule(pl.LightningModule):
-    def __init__(self, model: nn.Module, num_classes: int, optim: OptimConfig) -> None:
+    """`model` trained with `recipe`; parameters under `base` (an attribute path, e.g. "net.base") train at
+    lr * base_lr_factor (fine-tuning a pretrained base)."""
+
+    def __init__(self, model: nn.Module, recipe: RecipeParams, base_lr_factor: float = 1.0,
+                 base: str = "net.base") -> None:
         super().__init__()
         self.model = model
-        self.optim = optim
-        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)
-        self.num_classes = num_classes
+        self.recipe = recipe
+        self.base, self.base_lr_factor = base, base_lr_factor
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -104,26 +86,26 @@ class ClassifierModule(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------ optimisation
     def _param_groups(self) -> list[dict]:
-        o = self.optim
+        lr = self.recipe.lr
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if not o.base_prefix:
-            return [{"params": [p for _, p in trainable], "lr": o.lr}]
-        base = [p for n, p in trainable if n.startswith(o.base_prefix + ".")]
-        rest = [p for n, p in trainable if not n.startswith(o.base_prefix + ".")]
-        groups = [{"params": rest, "lr": o.lr, "name": "head"}]
+        if self.base_lr_factor == 1.0:
+            return [{"params": [p for _, p in trainable], "lr": lr}]
+        base = [p for n, p in trainable if n.startswith(self.base + ".")]
+        rest = [p for n, p in trainable if not n.startswith(self.base + ".")]
+        groups = [{"params": rest, "lr": lr, "name": "head"}]
         if base:
-            groups.append({"params": base, "lr": o.lr * o.base_lr_factor, "name": "base"})
+            groups.append({"params": base, "lr": lr * self.base_lr_factor, "name": "base"})
         return groups
 
     def configure_optimizers(self):
-        o = self.optim
+        r = self.recipe
         groups = self._param_groups()
-        opt = OPTIMIZERS[o.optimizer](groups, o)
-        if o.scheduler == "none" and not o.warmup_epochs:
+        opt = OPTIMIZERS[r.optimizer](groups, r)
+        if r.scheduler == "none" and not r.warmup_epochs:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        steps = Steps(total, max(1, total // max(1, self.trainer.max_epochs or 1)), o)
-        return SCHEDULERS[o.scheduler](opt, groups, steps)
+        steps = Steps(total, max(1, total // max(1, self.trainer.max_epochs or 1)), r)
+        return SCHEDULERS[r.scheduler](opt, groups, steps)
 
 
 # ---------------------------------------------------------------------------------------------- tables
@@ -135,10 +117,10 @@ def _fused(groups: list[dict]) -> bool:
 
 
 OPTIMIZERS = {
-    "adam": lambda groups, o: torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, fused=_fused(groups)),
-    "adamw": lambda groups, o: torch.optim.AdamW(groups, lr=o.lr, weight_decay=o.weight_decay,
+    "adam": lambda groups, r: torch.optim.Adam(groups, lr=r.lr, weight_decay=r.weight_decay, fused=_fused(groups)),
+    "adamw": lambda groups, r: torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay,
                                                  fused=_fused(groups)),
-    "sgd": lambda groups, o: torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+    "sgd": lambda groups, r: torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
                                              nesterov=True, fused=_fused(groups)),
 }
 
@@ -147,11 +129,11 @@ OPTIMIZERS = {
 class Steps:
     total: int
     per_epoch: int
-    optim: OptimConfig
+    recipe: RecipeParams
 
     @property
     def warmup(self) -> int:
-        return self.optim.warmup_epochs * self.per_epoch
+        return self.recipe.warmup_epochs * self.per_epoch
 
 
 def _per_step(factor):
@@ -171,7 +153,7 @@ def _cosine(step: int, s: Steps) -> float:
 
 
 def _step(step: int, s: Steps) -> float:
-    return s.optim.gamma ** (step // (s.optim.step_size * s.per_epoch))
+    return s.recipe.gamma ** (step // (s.recipe.step_size * s.per_epoch))
 
 
 def _onecycle(opt, groups, s: Steps):
@@ -181,10 +163,10 @@ def _onecycle(opt, groups, s: Steps):
 
 
 def _plateau(opt, _groups, s: Steps):
-    o = s.optim
+    r = s.recipe
     plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        opt, mode=MONITOR_MODES[o.monitor], factor=o.gamma, patience=max(1, o.step_size // 2))
-    schedulers = [{"scheduler": plateau, "interval": "epoch", "monitor": o.monitor}]
+        opt, mode=MONITOR_MODES[r.monitor], factor=r.gamma, patience=max(1, r.step_size // 2))
+    schedulers = [{"scheduler": plateau, "interval": "epoch", "monitor": r.monitor}]
     if s.warmup:
         schedulers.insert(0, {"scheduler": torch.optim.lr_scheduler.LinearLR(
             opt, start_factor=1.0 / s.warmup, total_iters=s.warmup), "interval": "step"})

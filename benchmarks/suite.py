@@ -1,8 +1,14 @@
 """The benchmarks `python -m benchmarks` runs. Each `setup(quick)` returns two measuring callables, A and B, each
-returning a rate (higher is better) so that the ratio A / B is the figure of merit."""
+returning a rate (higher is better) so that the ratio A / B is the figure of merit.
+
+`configure(device)` picks where they run (`--device auto|cpu|cuda`): the stages' trainings on that accelerator,
+with its `precision: auto` (bf16 mixed on GPUs and on CPUs with native bf16), the data on that device, the
+plain-PyTorch baselines in the same precision and layout.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import cache
 
@@ -17,13 +23,45 @@ from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import build_prepared
 from pipeline.data.sources import load_embedded
 from pipeline.models.cnn import CNN, Classifier, spec_from_params
-from pipeline.training.fit import FitConfig, build_trainer, fit, seed_all
+from pipeline.training.fit import FitConfig, build_trainer, cpu_has_bf16, fit, resolve_precision, seed_all
 from pipeline.training.module import OPTIMIZERS, SCHEDULERS, ClassifierModule, Steps
+
+DEVICE = torch.device("cpu")
+
+
+def configure(device: str) -> torch.device:
+    """Where the benchmarks run: auto (the GPU when there is one), cpu or cuda."""
+    global DEVICE
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmarks: --device cuda, but this machine has no CUDA GPU")
+    DEVICE = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    defaults.cache_clear()
+    return DEVICE
 
 
 @cache
 def defaults() -> params_mod.Params:
-    return params_mod.Params()  # the schema's defaults are params.yaml's (tested)
+    """The schema's defaults (they are params.yaml's, tested), on the benchmark's device."""
+    return params_mod.parse({"trainer": {"accelerator": "gpu" if DEVICE.type == "cuda" else "cpu"}})
+
+
+def precision() -> str:
+    p = defaults().trainer
+    return resolve_precision(p.precision, p.accelerator)
+
+
+def autocast(precision_: str | None = None):
+    """The autocast Lightning runs a training step in, for the plain-PyTorch side of a comparison."""
+    precision_ = precision_ or precision()
+    if precision_ in ("bf16-mixed", "16-mixed"):
+        dtype = torch.bfloat16 if precision_ == "bf16-mixed" else torch.float16
+        return torch.autocast(DEVICE.type, dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 @cache
@@ -38,13 +76,23 @@ def seed_cnn() -> Classifier:
 
 
 def layout(model: torch.nn.Module) -> torch.nn.Module:
-    """The memory layout the stages train in (params.trainer.channels_last, applied by a callback there)."""
+    """The memory layout and device the stages train in (params.trainer.channels_last, as fit lays it out)."""
+    model = model.to(DEVICE)
     return model.to(memory_format=torch.channels_last) if defaults().trainer.channels_last else model
 
 
 def splits():
     d = data()
     return {s: (d.x[s], d.y[s]) for s in ("train", "val", "test")}
+
+
+def on_device(dm: ImageDataModule) -> ImageDataModule:
+    """A data module set up as Lightning sets it up for fitting on the benchmark's device."""
+    from types import SimpleNamespace
+
+    dm.trainer = SimpleNamespace(global_rank=0, training=True, strategy=SimpleNamespace(root_device=DEVICE))
+    dm.setup("fit")
+    return dm
 
 
 # ---------------------------------------------------------------------------------------- lightning_step
@@ -56,9 +104,11 @@ class StepTimer(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.warm:
+            sync()
             self.start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sync()
         self.end, self.steps = time.perf_counter(), batch_idx + 1 - self.warm
 
 
@@ -69,41 +119,45 @@ def lightning_step(quick: bool):
     # one epoch holds every measured step (3,500 images are 54 batches of 64).
     x, y = splits()["train"]
     repeat = -(-(steps * p.train.batch_size) // len(y))
-    dm = ImageDataModule({"train": (np.tile(x, (repeat, 1, 1, 1)), np.tile(y, repeat)), "val": splits()["val"]},
-                         p.train.batch_size, 0, num_workers=p.trainer.num_workers)
+    tiled = {"train": (np.tile(x, (repeat, 1, 1, 1)), np.tile(y, repeat)), "val": splits()["val"]}
 
     def with_lightning() -> float:
         seed_all(0)
         timer = StepTimer(warm)
+        dm = ImageDataModule(tiled, p.train.batch_size, 0, num_workers=p.trainer.num_workers)
         config = FitConfig(p.trainer, 1, limit_train_batches=steps, quiet=True, callbacks=(timer,))
-        trainer, _ = build_trainer(config, tempfile_dir())
+        trainer, _ = build_trainer(config, tempfile_dir(), save_last=False)
         trainer.limit_val_batches = 0
-        module = ClassifierModule(seed_cnn(), p.train)
-        if p.trainer.channels_last:  # as fit lays the model out
-            module.to(memory_format=torch.channels_last)
+        module = ClassifierModule(layout(seed_cnn()), p.train)
         trainer.fit(module, datamodule=dm)
         return timer.steps / (timer.end - timer.start)
 
     def plain() -> float:
-        # The same recipe by hand: the optimizer and the per-step schedule of params.train, the same loss.
+        # The same recipe by hand: the optimizer and the per-step schedule of params.train, the same loss,
+        # precision, layout and device, the data module's batches.
         seed_all(0)
         model = layout(seed_cnn())
         recipe = p.train
         groups = [{"params": list(model.parameters()), "lr": recipe.lr}]
-        opt = OPTIMIZERS[recipe.optimizer](groups, recipe)
+        opt = OPTIMIZERS[recipe.optimizer](groups, recipe, True)
         # One epoch of `steps` steps, as the module computes it for the Lightning run (limit_train_batches=steps)
         schedule = SCHEDULERS[recipe.scheduler](opt, groups, Steps(steps, steps, recipe))
         scheduler = schedule["lr_scheduler"]["scheduler"]
         loss_fn = nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)
         model.train()
+        dm = on_device(ImageDataModule(tiled, p.train.batch_size, 0, num_workers=p.trainer.num_workers))
         for i, (x, y) in enumerate(dm.train_dataloader()):
             if i == warm:
+                sync()
                 start = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss_fn(model(x), y).backward()
+            with autocast():
+                loss = loss_fn(model(x.to(DEVICE)), y.to(DEVICE))
+            loss.backward()
             opt.step()
             scheduler.step()
             if i + 1 == steps:
+                sync()
                 return (steps - warm) / (time.perf_counter() - start)
         raise RuntimeError("not enough batches")
 
@@ -138,14 +192,8 @@ def feature_cache(quick: bool):
     from pipeline.data.datamodule import TensorDataModule
     from pipeline.data.prepared import class_subset, per_class_indices
     from pipeline.models import registry
-    from pipeline.models.transfer import (
-        HeadOnly,
-        TransferNet,
-        extract_features,
-        freeze_base,
-        load_imagenet_base,
-    )
-    from pipeline.training.transfer import epochs_for
+    from pipeline.models.transfer import HeadOnly, TransferNet, extract, freeze_base, load_imagenet_base
+    from pipeline.training.transfer import schedule
 
     tp = defaults().transfer
     head_steps = 30 if quick else tp.head_steps
@@ -159,7 +207,7 @@ def feature_cache(quick: bool):
     net = TransferNet(tp.backbone, 10, tp.head_units, tp.head_dropout, tp.image_size, 3)
     load_imagenet_base(net)
     base_state = net.base.state_dict()
-    epochs = epochs_for(head_steps, len(idx), tp.batch_size)
+    epochs, passes = schedule(head_steps, len(idx), tp.batch_size)
 
     def model() -> Classifier:
         seed_all(0)
@@ -172,21 +220,19 @@ def feature_cache(quick: bool):
     def cached() -> float:
         m = model()
         start = time.perf_counter()
-        feats = {k: extract_features(m, v[0], channels_last=defaults().trainer.channels_last)
+        feats = {k: extract(m, v[0], device=DEVICE, channels_last=defaults().trainer.channels_last)
                  for k, v in (("train", train), ("val", val))}
         m.net.head.train()  # extraction put the model in eval mode; the stage trains a fresh model's head
         dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])), (feats["val"], torch.as_tensor(val[1])),
-                              tp.batch_size, 0)
-        fit(ClassifierModule(HeadOnly(m.net.head), tp), dm,
-            FitConfig(defaults().trainer, epochs, val_every=max(1, epochs // 5), quiet=True))
+                              tp.batch_size, 0, passes)
+        fit(ClassifierModule(HeadOnly(m.net.head), tp), dm, FitConfig(defaults().trainer, epochs, quiet=True))
         return 1.0 / (time.perf_counter() - start)
 
     def naive() -> float:
         m = model()
         start = time.perf_counter()
-        dm = ImageDataModule({"train": train, "val": val}, tp.batch_size, 0)
-        fit(ClassifierModule(m, tp), dm, FitConfig(defaults().trainer, epochs, val_every=max(1, epochs // 5),
-                                                   quiet=True))
+        dm = ImageDataModule({"train": train, "val": val}, tp.batch_size, 0, passes=passes)
+        fit(ClassifierModule(m, tp), dm, FitConfig(defaults().trainer, epochs, quiet=True))
         return 1.0 / (time.perf_counter() - start)
 
     return cached, naive
@@ -197,72 +243,132 @@ def in_memory_loader(quick: bool):
     p = defaults()
     x, y = splits()["train"]
     epochs = 100 if quick else 300  # an epoch takes about a millisecond: enough of them to measure
-    dm = ImageDataModule(splits(), p.train.batch_size, 0, num_workers=p.trainer.num_workers)
-    tensor = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
-    labels = torch.as_tensor(y)
+    dm = on_device(ImageDataModule(splits(), p.train.batch_size, 0, num_workers=p.trainer.num_workers))
+    tensor = torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0).to(DEVICE)
+    labels = torch.as_tensor(y).to(DEVICE)
 
     def through_loader() -> float:
         loader = dm.train_dataloader()  # once, as Lightning asks for it once per fit
         start, n = time.perf_counter(), 0
-        for _ in range(epochs):
+        for e in range(epochs):
+            loader.sampler.set_epoch(e)
             for images, _ in loader:
                 n += len(images)
+        sync()
         return n / (time.perf_counter() - start)
 
     def indexing() -> float:
         start, n = time.perf_counter(), 0
-        g = torch.Generator().manual_seed(0)
-        for _ in range(epochs):
-            order = torch.randperm(len(tensor), generator=g)
+        for e in range(epochs):
+            order = torch.randperm(len(tensor), generator=torch.Generator().manual_seed(e)).to(DEVICE)
             for i in range(0, len(order) - p.train.batch_size + 1, p.train.batch_size):
                 batch = order[i : i + p.train.batch_size]
                 # index_select: the fastest way to index here (tensor[batch] takes 4x as long)
                 images, _ = torch.index_select(tensor, 0, batch), torch.index_select(labels, 0, batch)
                 n += len(images)
+        sync()
         return n / (time.perf_counter() - start)
 
     return through_loader, indexing
 
 
-# --------------------------------------------------------------------------------------------- roofline
-def roofline(quick: bool):
+# --------------------------------------------------------------------------------- roofline and bf16_step
+def _step_and_matmul(quick: bool, precision_: str):
+    """The seed CNN's training step (plain PyTorch, the stages' layout) and a large matmul, both in `precision_`:
+    FLOP/s each."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    p = defaults()
-    batch = p.train.batch_size
+    batch = defaults().train.batch_size
     steps = 20 if quick else 60
-    x = torch.rand(batch, 1, 28, 28)
-    y = torch.randint(0, 10, (batch,))
+    x = torch.rand(batch, 1, 28, 28, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
     model = layout(seed_cnn())
-    opt = torch.optim.Adam(model.parameters(), lr=p.train.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=defaults().train.lr, fused=True)
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(model(x), y).backward()
+        with autocast(precision_):
+            loss = loss_fn(model(x), y)
+        loss.backward()
         opt.step()
 
     counter = FlopCounterMode(display=False)
     with counter:
         step()
     flops_per_step = counter.get_total_flops()
-    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    dtype = torch.bfloat16 if precision_ == "bf16-mixed" else torch.float16 if precision_ == "16-mixed" else None
+    a, b = (torch.rand(2048, 2048, device=DEVICE, dtype=dtype or torch.float32) for _ in range(2))
 
     def training() -> float:
         start = time.perf_counter()
         for _ in range(steps):
             step()
+        sync()
         return flops_per_step * steps / (time.perf_counter() - start)
 
     def matmul() -> float:
         start = time.perf_counter()
         for _ in range(3):
             torch.mm(a, b)
+        sync()
         return 3 * 2 * 2048**3 / (time.perf_counter() - start)
 
-    print(f"  roofline: {flops_per_step / batch / 1e6:.1f} MFLOP per image per training step, batch {batch}",
+    print(f"  {precision_}: {flops_per_step / batch / 1e6:.1f} MFLOP per image per training step, batch {batch}",
           flush=True)
     return training, matmul
 
 
+def roofline(quick: bool):
+    """fp32: the training step's FLOP/s against a 2048^3 float32 matmul's."""
+    return _step_and_matmul(quick, "32-true")
 
+
+def roofline_bf16(quick: bool):
+    """bf16 mixed: the training step's FLOP/s against a 2048^3 bfloat16 matmul's."""
+    return _step_and_matmul(quick, "bf16-mixed")
+
+
+def bf16_step(quick: bool):
+    """Training steps per second of the seed CNN at the full-MNIST batch (128), bf16 autocast / fp32."""
+    batch, steps = 128, 20 if quick else 60
+    x = torch.rand(batch, 1, 28, 28, device=DEVICE)
+    y = torch.randint(0, 10, (batch,), device=DEVICE)
+    model = layout(seed_cnn())
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    if DEVICE.type == "cpu" and not cpu_has_bf16():
+        print("  this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs emulated, precision auto stays fp32")
+
+    def rate(precision_: str) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            with autocast(precision_):
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+        sync()
+        return steps / (time.perf_counter() - start)
+
+    return (lambda: rate("bf16-mixed")), (lambda: rate("32-true"))
+
+
+# ------------------------------------------------------------------------------------- time to accuracy
+def time_to_accuracy(quick: bool):
+    """Seconds of training to 99.2% test accuracy on full MNIST: the recipe before the bf16 work (3 epochs,
+    fp32) / today's mnist_full recipe; each as a rate, 1 / seconds (0 when the target is not reached)."""
+    from benchmarks import time_to_accuracy as tta
+
+    workspace = tta.workspace()
+    workspace.__enter__()  # one folder (the prepared 70,000 digits) for every round; removed at exit
+    import atexit
+
+    atexit.register(workspace.__exit__, None, None, None)
+    overrides = {"trainer.accelerator": "gpu" if DEVICE.type == "cuda" else "cpu"}
+
+    def rate(before: bool) -> float:
+        m = tta.measure(tta.recipe("mnist_full", overrides | (tta.BEFORE if before else {})), 0.992)
+        print(tta.describe("before" if before else "today", m, 0.992), flush=True)
+        return 1.0 / m["seconds"] if m["seconds"] else 0.0
+
+    return (lambda: rate(False)), (lambda: rate(True))

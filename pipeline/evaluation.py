@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -9,6 +10,8 @@ import numpy as np
 import torch
 from sklearn import metrics as skm
 from torch import nn
+
+from pipeline.errors import PipelineError
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
@@ -94,33 +97,70 @@ def throughput(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, 
     return batch_size / best
 
 
-@torch.no_grad()
-def peak_memory_mb(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
-                   device: torch.device) -> float:
-    """Peak memory one forward pass at `batch_size` allocates on top of the weights (activations, workspace).
+@contextlib.contextmanager
+def _native_stderr_muted():
+    """The profiler's C++ library writes a start and a stop line straight to file descriptor 2 whatever its log
+    level (KINETO_LOG_LEVEL): muted for the one step it profiles (an exception still propagates, and prints
+    after)."""
+    import os
+    import sys
 
-    CUDA: the allocator's peak minus what was allocated before. CPU: torch's profiler records every
-    allocation and free; their running sum, in time order, peaks at the answer.
-    """
-    model = model.to(device).eval()
-    x = torch.rand((batch_size, *input_shape), device=device)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _peak_mb(work, device: torch.device) -> float:
+    """Peak memory `work()` allocates on top of what was allocated before. CUDA: the allocator's peak. CPU: torch's
+    profiler records every allocation and free; their running sum, in time order, peaks at the answer."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-        model(x)
+        work()
         torch.cuda.synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        model(x)
+    with _native_stderr_muted(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work()
     events = sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start)
     current = peak = 0
     for event in events:
         current += event.self_cpu_memory_usage
         peak = max(peak, current)
     return peak / 2**20
+
+
+def peak_memory_mb(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
+                   device: torch.device) -> float:
+    """Peak memory one forward pass at `batch_size` allocates on top of the weights (activations, workspace)."""
+    model = model.to(device).eval()
+    x = torch.rand((batch_size, *input_shape), device=device)
+    with torch.no_grad():
+        return _peak_mb(lambda: model(x), device)
+
+
+def training_memory_mb(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
+                       device: torch.device) -> float:
+    """Peak memory one training step (forward, loss, backward) at `batch_size` allocates on top of the weights:
+    activations kept for the backward pass, gradients, workspace."""
+    model = model.to(device).train()
+    x = torch.rand((batch_size, *input_shape), device=device)
+    y = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def step() -> None:
+        nn.functional.cross_entropy(model(x), y).backward()
+
+    peak = _peak_mb(step, device)
+    model.zero_grad(set_to_none=True)
+    return peak
 
 
 def macs_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
@@ -134,28 +174,61 @@ def macs_per_image(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     return int(counter.get_total_flops() // 2)
 
 
+# ------------------------------------------------------------------------------- spreads and verdicts
+OUTCOMES = ("holds", "contradicted", "inconclusive")
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Mean, sample std, min-max and a 95% confidence interval of the mean (Student's t) of repeated runs."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        raise PipelineError(f"a spread needs at least 2 runs (got {len(v)}): raise the seeds")
+    mean, std = float(v.mean()), float(v.std(ddof=1))
+    half = float(stats.t.ppf(0.975, len(v) - 1) * std / np.sqrt(len(v)))
+    return {"mean": round(mean, 6), "std": round(std, 6), "min": round(float(v.min()), 6),
+            "max": round(float(v.max()), 6), "ci95": [round(mean - half, 6), round(mean + half, 6)], "n": int(len(v))}
+
+
+def verdict(expected: list[float], other: list[float]) -> dict:
+    """The one verdict rule of the project (transfer sweeps and the course's claims): `expected` is the arm a
+    claim predicts higher. gap = mean(expected) - mean(other); spread = the larger of the two arms' sample
+    standard deviations over seeds. holds: gap > spread; contradicted: gap < -spread; inconclusive otherwise (a
+    gap equal to the spread included)."""
+    a, b = spread(expected), spread(other)
+    gap, width = a["mean"] - b["mean"], max(a["std"], b["std"])
+    outcome = "holds" if gap > width else "contradicted" if gap < -width else "inconclusive"
+    return {"gap": round(gap, 6), "spread": round(width, 6), "outcome": outcome}
+
+
+PRETRAINED = ("feature_extraction", "fine_tuning")
+
+
 def sweep_summary(rows: list[dict], strategies: list[str], ns: list[int]) -> tuple[dict, dict, list[str]]:
-    """Mean and std per (N, strategy); per N the winner, the runner-up, and whether the gap beats the spread."""
-    summary, verdict, lines = {}, {}, []
+    """Per (N, strategy) the spread of test accuracy over seeds; per N the winner, and the two comparisons the
+    lesson is about, by the verdict rule: the better ImageNet strategy against scratch (transfer wins: holds),
+    and fine-tuning against feature extraction."""
+    summary, verdicts, lines = {}, {}, []
     for n in ns:
-        summary[str(n)] = {}
-        for strategy in strategies:
-            accs = np.array([r["test_acc"] for r in rows if r["target_per_class"] == n and r["strategy"] == strategy])
-            summary[str(n)][strategy] = {"mean": round(float(accs.mean()), 6),
-                                         "std": round(float(accs.std(ddof=1)) if len(accs) > 1 else 0.0, 6),
-                                         "runs": int(len(accs))}
+        accs = {st: [r["test_acc"] for r in rows if r["target_per_class"] == n and r["strategy"] == st]
+                for st in strategies}
+        summary[str(n)] = {st: spread(v) for st, v in accs.items()}
         ranked = sorted(strategies, key=lambda st: -summary[str(n)][st]["mean"])
-        best = summary[str(n)][ranked[0]]
-        entry = {"winner": ranked[0], "mean": best["mean"]}
-        if len(ranked) > 1:
-            second = summary[str(n)][ranked[1]]
-            gap = best["mean"] - second["mean"]
-            spread = max(best["std"], second["std"])
-            entry |= {"runner_up": ranked[1], "gap": round(gap, 6), "spread": round(spread, 6),
-                      "clear": bool(gap > spread)}
-            lines.append(f"N={n}: {ranked[0]} {best['mean']:.3f} +- {best['std']:.3f} vs {ranked[1]} "
-                         f"{second['mean']:.3f} +- {second['std']:.3f}: gap {gap:.3f} "
-                         f"{'>' if gap > spread else '<='} spread {spread:.3f} "
-                         f"({'clear' if gap > spread else 'within the spread'})")
-        verdict[str(n)] = entry
-    return summary, verdict, lines
+        entry: dict = {"winner": ranked[0], "mean": summary[str(n)][ranked[0]]["mean"]}
+        pretrained = [st for st in PRETRAINED if st in strategies]
+        if pretrained and "scratch" in strategies:
+            best = max(pretrained, key=lambda st: summary[str(n)][st]["mean"])
+            entry["transfer_vs_scratch"] = {"pretrained": best} | verdict(accs[best], accs["scratch"])
+        if set(PRETRAINED) <= set(strategies):
+            entry["fine_tuning_vs_feature_extraction"] = verdict(accs["fine_tuning"], accs["feature_extraction"])
+        verdicts[str(n)] = entry
+        parts = [f"N={n}: " + ", ".join(f"{st} {summary[str(n)][st]['mean']:.3f} +- {summary[str(n)][st]['std']:.3f}"
+                                       for st in ranked)]
+        if "transfer_vs_scratch" in entry:
+            v = entry["transfer_vs_scratch"]
+            word = {"holds": "transfer wins", "contradicted": "scratch wins", "inconclusive": "within the spread"}
+            parts.append(f"{v['pretrained']} - scratch = {v['gap']:+.3f} (spread {v['spread']:.3f}): "
+                         f"{word[v['outcome']]}")
+        lines.append("; ".join(parts))
+    return summary, verdicts, lines

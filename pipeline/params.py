@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -162,7 +163,7 @@ class TransferParams(RecipeParams):
         "scratch",
     ]
     target_per_class: list[Annotated[int, Field(ge=1)]] = [10, 30, 100]
-    seeds: Annotated[int, Field(ge=1, le=100)] = 3
+    seeds: Annotated[int, Field(ge=2, le=100)] = 3  # at least 2: a spread
     target_classes: list[int] | None = None  # None: every class (with source_task: those not in source_classes)
     source_classes: list[int] = [0, 1, 2, 3, 4]
     pretrain_epochs: Annotated[int, Field(ge=1)] = 10
@@ -171,6 +172,10 @@ class TransferParams(RecipeParams):
     cnn_steps: Annotated[int, Field(ge=1)] = 300
     val_per_class: Annotated[int, Field(ge=1)] = 10
     batch_size: Annotated[int, Field(ge=1)] = 32
+    # Views of each training image whose frozen-base output is computed once, for feature_extraction (and for
+    # fine_tuning when only its last unfreeze_blocks train): 1, the stored images; more, the stored image and
+    # augmented copies (the task's augmentation pipeline).
+    cached_views: Annotated[int, Field(ge=1, le=32)] = 1
     backbone_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
     unfreeze_blocks: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
 
@@ -197,7 +202,7 @@ class TransferParams(RecipeParams):
 # ----------------------------------------------------------------------------------------- evaluate
 class EvaluateParams(Section):
     top_k: Annotated[int, Field(ge=1)] = 3
-    batch_size: Annotated[int, Field(ge=1)] = 256
+    batch_size: Annotated[int, Field(ge=1)] = 32  # prediction, throughput and peak memory (32: the fastest on 2 CPU cores at 224 px)
     latency_runs: Annotated[int, Field(ge=3)] = 50
     warmup_runs: Annotated[int, Field(ge=1)] = 5
     ece_bins: Annotated[int, Field(ge=2, le=100)] = 15
@@ -217,6 +222,8 @@ class CompareParams(RecipeParams):
         "efficientnet_b0",
         "mobilenet_v2",
         "efficientnet_lite0",
+        "efficientnet_lite1",
+        "efficientnet_lite2",
         "resnet18",
         "seed_mnist",
     ]
@@ -233,13 +240,176 @@ class ExplainParams(Section):
     max_maps: Annotated[int, Field(ge=1, le=64)] = 16
 
 
+# ------------------------------------------------------------------------------------------- claims
+ClaimMetric = Literal["test_acc", "shift_drop", "generalization_gap", "grad_norm_first_layer", "peak_memory_mb"]
+# Measured without training (at initialization, or one training step): the rest train first.
+PROBE_METRICS = ("grad_norm_first_layer", "peak_memory_mb")
+
+
+class ClaimRecipe(RecipeParams):
+    """What one arm of a claim trains and how: the claims' base, with the arm's own keys on top."""
+
+    scheduler: Literal["none", "cosine", "step", "plateau", "onecycle"] = "none"
+    warmup_epochs: Annotated[int, Field(ge=0)] = 0
+    model: str = "seed_mnist"  # a CNN preset by name (pipeline.models.cnn.PRESETS)
+    dropout: Fraction | None = None  # the model's dense dropout (null: the preset's)
+    batch_norm: bool | None = None  # BatchNorm after every convolution of the preset's blocks (null: the preset's)
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 2
+    steps_per_epoch: Annotated[int, Field(ge=1)] | None = None  # null: one pass over the training images
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 64
+    train_per_class: Annotated[int, Field(ge=1)] | None = None  # null: every training image
+    augment: bool = False  # the augment stage's pipeline on the training images
+    checkpoint: Literal["best", "last"] = "last"  # the weights tested: the last epoch's, or the best val_acc's
+
+    @model_validator(mode="after")
+    def _warmup_fits(self) -> ClaimRecipe:
+        if self.warmup_epochs >= self.epochs and self.warmup_epochs:
+            raise ValueError(f"warmup_epochs must be < epochs ({self.epochs}) (got {self.warmup_epochs})")
+        return self
+
+
+class ArmParams(Section):
+    """An arm: the keys of the claims' base recipe it changes (the others are the base's)."""
+
+    optimizer: Literal["adam", "adamw", "sgd"] | None = None
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | None = None
+    weight_decay: Annotated[float, Field(ge=0.0)] | None = None
+    label_smoothing: Fraction | None = None
+    gradient_clip_val: Annotated[float, Field(ge=0.0)] | None = None
+    scheduler: Literal["none", "cosine", "step", "plateau", "onecycle"] | None = None
+    warmup_epochs: Annotated[int, Field(ge=0)] | None = None
+    step_size: Annotated[int, Field(ge=1)] | None = None
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    monitor: Literal["val_acc", "val_loss"] | None = None
+    model: str | None = None
+    dropout: Fraction | None = None
+    batch_norm: bool | None = None
+    epochs: Annotated[int, Field(ge=1, le=1000)] | None = None
+    steps_per_epoch: Annotated[int, Field(ge=1)] | None = None
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | None = None
+    train_per_class: Annotated[int, Field(ge=1)] | None = None
+    augment: bool | None = None
+    checkpoint: Literal["best", "last"] | None = None
+
+
+class ClaimParams(Section):
+    """One claim of the lesson, as data: what the seed says, the arms that test it, the metric and the direction
+    that would confirm it (`expects: "<arm> > <arm>"`: the first arm's metric higher; `<`: lower)."""
+
+    section: Annotated[str, Field(min_length=1)]
+    says: Annotated[str, Field(min_length=1)]
+    arms: dict[str, ArmParams]
+    metric: ClaimMetric = "test_acc"
+    expects: str
+
+    @model_validator(mode="after")
+    def _arms_and_direction(self) -> ClaimParams:
+        if len(self.arms) < 2:
+            raise ValueError(f"needs at least 2 arms to compare (got {len(self.arms)}: {', '.join(self.arms)})")
+        import re
+
+        match = re.fullmatch(r"\s*(\w+)\s*([<>])\s*(\w+)\s*", self.expects)
+        if not match or match.group(1) == match.group(3):
+            raise ValueError(f"expects must be '<arm> > <arm>' or '<arm> < <arm>' (got {self.expects!r})")
+        for name in (match.group(1), match.group(3)):
+            if name not in self.arms:
+                raise ValueError(f"expects names arm {name!r}, not one of its arms ({', '.join(self.arms)})")
+        return self
+
+    @property
+    def predicted(self) -> tuple[str, str]:
+        """(the arm the lesson predicts higher, the other)."""
+        import re
+
+        a, op, b = re.fullmatch(r"\s*(\w+)\s*([<>])\s*(\w+)\s*", self.expects).groups()
+        return (a, b) if op == ">" else (b, a)
+
+
+def _claim(section: str, says: str, metric: str, expects: str, **arms: dict) -> ClaimParams:
+    return ClaimParams(section=section, says=says, metric=metric, expects=expects,
+                       arms={name: ArmParams(**arm) for name, arm in arms.items()})
+
+
+FEW = {"train_per_class": 50, "epochs": 20}  # few images, long enough to overfit
+CONVERGENCE = {"epochs": 6, "steps_per_epoch": 10}  # a short budget, validated every 10 steps
+LESSON = {
+    "weight_sharing": _claim("§1.1, §5", "Convolutions need far fewer parameters than dense layers for the same job "
+                             "(weight sharing)", "test_acc", "cnn > dense",
+                             dense={"model": "dense_mnist"}, cnn={}),
+    "dense_shift": _claim("§1.1", "Dense layers are vulnerable to position changes", "shift_drop",
+                          "dense > cnn", dense={"model": "dense_mnist"}, cnn={}),
+    "pooling_shift": _claim("§3", "Pooling gives invariance to small shifts", "shift_drop", "no_pooling > cnn",
+                            cnn={}, no_pooling={"model": "seed_mnist_nopool"}),
+    "dropout": _claim("§9.2", "Overfitting: dropout helps", "test_acc", "dropout > none",
+                      none=FEW, dropout=FEW | {"dropout": 0.5}),
+    "augmentation": _claim("§9.2", "Overfitting: data augmentation helps", "test_acc", "augmented > plain",
+                           plain=FEW, augmented=FEW | {"augment": True}),
+    "early_stopping": _claim("§9.2", "Overfitting: early stopping (the best epoch beats the last)", "test_acc",
+                             "best > last", last=FEW | {"epochs": 30}, best=FEW | {"epochs": 30, "checkpoint": "best"}),
+    "batchnorm": _claim("§9.2", "Slow convergence: BatchNorm speeds it up", "test_acc", "batchnorm > plain",
+                        plain=CONVERGENCE, batchnorm=CONVERGENCE | {"batch_norm": True}),
+    "batchnorm_high_lr": _claim("§9.2", "Slow convergence: BatchNorm allows a higher learning rate", "test_acc",
+                                "batchnorm > plain", plain=CONVERGENCE | {"lr": 0.01},
+                                batchnorm=CONVERGENCE | {"lr": 0.01, "batch_norm": True}),
+    "lr_schedule": _claim("§9.2", "Slow convergence: a learning-rate schedule helps", "test_acc",
+                          "one_cycle > constant", constant={"lr": 0.003}, one_cycle={"lr": 0.003, "scheduler": "onecycle"}),
+    "small_filters": _claim("§9.1", "Stacks of 3x3 filters are the standard (better than 5x5 at the same size)",
+                            "test_acc", "k3 > k5", k3={"model": "stack_3x3"}, k5={"model": "stack_5x5"}),
+    "global_average_pooling": _claim("§3, §9.1", "Global average pooling replaces Flatten (fewer parameters, less "
+                                     "overfitting)", "test_acc", "gap > flatten", flatten=FEW,
+                                     gap=FEW | {"model": "seed_mnist_gap"}),
+    "skip_gradients": _claim("§6.1", "Skip connections solve vanishing gradients", "grad_norm_first_layer",
+                             "residual > plain", plain={"model": "plain20"}, residual={"model": "residual20"}),
+    "skip_training": _claim("§6.1", "With skip connections very deep networks train", "test_acc",
+                            "residual > plain", plain={"model": "plain20"}, residual={"model": "residual20"}),
+    "memory_batch": _claim("§9.2", "Memory shortage: a smaller batch needs less memory", "peak_memory_mb",
+                           "large > small", small={"batch_size": 16}, large={"batch_size": 256}),
+    "memory_model": _claim("§9.2", "Memory shortage: a lighter model needs less memory", "peak_memory_mb",
+                           "heavy > light", light={}, heavy={"model": "seed_mnist_nopool"}),
+}
+
+
+class ClaimsParams(Section):
+    seeds: Annotated[int, Field(ge=2, le=100)] = 3  # runs per arm (init, data order, augmentation): the spread
+    shift_pixels: list[Annotated[int, Field(ge=0, le=8)]] = [0, 1, 2, 3, 4]  # the shift curve; drop: first - last
+    target_val_acc: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # steps to this val_acc, from the curves
+    base: ClaimRecipe = ClaimRecipe()
+    lesson: dict[str, ClaimParams] = LESSON
+    only: list[str] | None = None  # the ids of the claims to measure (null: every claim of the lesson)
+
+    @property
+    def measured(self) -> dict[str, ClaimParams]:
+        return {cid: c for cid, c in self.lesson.items() if self.only is None or cid in self.only}
+
+    @model_validator(mode="after")
+    def _arms_resolve(self) -> ClaimsParams:
+        unknown = [cid for cid in self.only or [] if cid not in self.lesson]
+        if unknown:
+            raise ValueError(f"only names {unknown[0]!r}, not a claim of the lesson ({', '.join(self.lesson)})")
+        for cid, claim in self.lesson.items():
+            for name, arm in claim.arms.items():
+                try:
+                    resolve_arm(self.base, arm)
+                except ValidationError as exc:
+                    raise ValueError(f"lesson.{cid}.arms.{name}: {exc.errors()[0]['msg']}") from None
+        if len(self.shift_pixels) < 2:
+            raise ValueError(f"shift_pixels needs at least 2 shifts (got {self.shift_pixels})")
+        return self
+
+
+def resolve_arm(base: ClaimRecipe, arm: ArmParams) -> ClaimRecipe:
+    """The recipe an arm trains with: the base, with the arm's keys on top (validated again as a whole)."""
+    return ClaimRecipe.model_validate(base.model_dump() | arm.model_dump(exclude_none=True))
+
+
 # ------------------------------------------------------------------------------------------ trainer
 class TrainerParams(Section):
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     devices: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     num_nodes: Annotated[int, Field(ge=1)] = 1
     strategy: Literal["auto", "ddp", "ddp_spawn", "ddp_notebook", "fsdp", "deepspeed"] = "auto"
-    # auto: bf16/16 mixed precision on a GPU that supports it, 32-bit on the CPU.
+    # auto: bf16/16 mixed precision on a GPU that supports it; bf16 mixed on a CPU with native bf16; else 32-bit.
     precision: Literal["auto", "32-true", "16-mixed", "bf16-mixed", "bf16-true", "64-true"] = "auto"
     num_workers: Annotated[int, Field(ge=0, le=64)] = 0
     deterministic: bool = True
@@ -270,7 +440,7 @@ PHOTOS = DataParams(source="food_photos", raw_dir="data/raw/food_photos", image_
 AUGMENT_PHOTOS = AugmentParams(rotation_range=10, zoom_range=0.15, horizontal_flip=True, coarse_dropout=CoarseDropoutParams(p=0.0))
 TRANSFER_PHOTOS = TransferParams(image_size=224, scratch_model="small_cnn", scratch_image_size=64,
                                  target_per_class=[5, 10, 20, 30], seeds=5, steps=30, head_steps=200, cnn_steps=200,
-                                 val_per_class=5, batch_size=16)
+                                 val_per_class=5, batch_size=16, cached_views=4, unfreeze_blocks=3)
 
 
 class Params(Section):
@@ -286,22 +456,29 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     compare: CompareParams = CompareParams()
     explain: ExplainParams = ExplainParams()
+    claims: ClaimsParams = ClaimsParams()
     trainer: TrainerParams = TrainerParams()
     mlflow: MlflowParams = MlflowParams()
 
 
 # ------------------------------------------------------------------------------------------ loading
 def _allowed(loc: tuple) -> list[str]:
-    """The keys the schema allows beside the unknown one at `loc`."""
+    """The keys the schema allows beside the unknown one at `loc` (through lists and named mappings)."""
     model: Any = Params
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        annotation = model.model_fields[str(part)].annotation
+    parts = [part for part in loc[:-1] if not isinstance(part, int)]
+    i = 0
+    while i < len(parts):
+        field = model.model_fields.get(str(parts[i]))
+        if field is None:
+            return []
+        annotation = field.annotation
+        if typing.get_origin(annotation) is dict:  # a mapping by name: the next part is the name
+            annotation, i = typing.get_args(annotation)[1], i + 1
         candidates = [annotation, *getattr(annotation, "__args__", ())]
         model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
         if model is None:
             return []
+        i += 1
     return list(model.model_fields)
 
 

@@ -193,3 +193,33 @@ def predictions_grid(images: np.ndarray, truth: Sequence[str], predicted: dict[s
         axes[r, 0].set_ylabel(model, fontsize=8)
     fig.suptitle(title, fontsize=10)
     return save_figure(fig, path)
+
+
+def claim_bars(arms: dict[str, list[float]], metric: str, title: str, path: Path) -> Path:
+    """One bar per arm (the mean over seeds, the std as error bar), each seed a dot."""
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(arms), 3.6))
+    for i, values in enumerate(arms.values()):
+        values = np.asarray(values, dtype=float)
+        ax.bar(i, values.mean(), yerr=values.std(ddof=1) if len(values) > 1 else 0, capsize=5, alpha=0.6)
+        ax.scatter(np.full(len(values), i), values, color="black", s=12, zorder=3)
+    ax.set_xticks(range(len(arms)), list(arms))
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(title, fontsize=8, wrap=True)
+    return save_figure(fig, path)
+
+
+def claim_curves(arms: dict[str, list[tuple[list, list]]], xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """One line per arm: the mean over seeds of its curve, the band between the seeds' lowest and highest."""
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for arm, curves in arms.items():
+        xs = curves[0][0]
+        ys = np.array([[np.nan if v is None else v for v in c[1]] for c in curves if len(c[1]) == len(xs)], float)
+        ax.plot(xs, np.nanmean(ys, 0), marker="o", markersize=3, label=f"{arm} ({len(ys)} seeds)")
+        ax.fill_between(xs, np.nanmin(ys, 0), np.nanmax(ys, 0), alpha=0.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=8, wrap=True)
+    return save_figure(fig, path)

@@ -12,6 +12,7 @@ import os
 import random
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -183,6 +184,27 @@ def training_logger(run: RunInfo, run_id: str | None = None):
                         run_id=run_id, artifact_location=_artifact_location())
 
 
+ROW_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s")
+
+
+def record_run(run: RunInfo, rows: list[dict], metrics: dict[str, float | None]) -> str:
+    """A finished training's run in a few writes (a sweep's short trainings: no live logger): its params, every
+    epoch's metrics at its step, the summary metrics; FINISHED. Its id."""
+    from mlflow.entities import Metric
+
+    run_id = start_run(run.experiment, run.name, run.tags, run.parent_id)
+    log_params(run_id, run.params)
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(row[k]), now, int(row["step"])) for row in rows for k in ROW_METRICS
+             if row.get(k) is not None]
+    items += [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None]
+    c = client()
+    for i in range(0, len(items), 1000):
+        c.log_batch(run_id, metrics=items[i : i + 1000])
+    c.set_terminated(run_id, "FINISHED")
+    return run_id
+
+
 def start_run(experiment: str, run_name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
     """Open a run (a parent for nested ones) on the project's store; close it with `ended`."""
     experiment_id = ensure_experiment(experiment)
@@ -224,8 +246,6 @@ def log_params(run_id: str, params: dict[str, Any]) -> None:
 
 
 def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    import time
-
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)

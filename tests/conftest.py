@@ -34,6 +34,11 @@ class StageRun:
     out: str
     err: str
 
+    # the names of subprocess.CompletedProcess, for tests that ran stages as processes before
+    returncode = property(lambda self: self.code)
+    stdout = property(lambda self: self.out)
+    stderr = property(lambda self: self.err)
+
 
 @pytest.fixture
 def run_stage(monkeypatch, capsys):
@@ -45,7 +50,7 @@ def run_stage(monkeypatch, capsys):
     import signal
 
     def run(folder: Path, stage: str, *args: str, env: dict | None = None) -> StageRun:
-        monkeypatch.chdir(folder)
+        monkeypatch.chdir(folder)  # the folder's own store, unless the test's (mlflow_store) or env names one
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
         module = importlib.import_module(f"pipeline.stages.{stage}")

@@ -28,42 +28,52 @@ def free_port() -> int:
 @contextlib.contextmanager
 def mlflow_server(backend_uri: str, artifacts: Path, admin_password: str | None = None) -> Iterator[str]:
     """`mlflow server --workers 1` on 127.0.0.1 (the default four workers take 1.3 GB); stopped by PID.
-    With `admin_password`: MLflow's basic-auth app, its user database beside the artifacts."""
-    port = free_port()
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
-           "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    With `admin_password`: MLflow's basic-auth app, its user database beside the artifacts. A free port can be
+    taken between the check and the server's bind: a server that exits at once is started again on another."""
     env = dict(os.environ)
+    args = []
     if admin_password:
         config = artifacts.parent / "basic_auth.ini"
         config.write_text("[mlflow]\ndefault_permission = READ\n"
                           f"database_uri = sqlite:///{artifacts.parent / 'auth.db'}\nadmin_username = admin\n"
                           "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
-        cmd += ["--app-name", "basic-auth"]
+        args = ["--app-name", "basic-auth"]
         env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
-    log = open(artifacts.parent / f"mlflow-server-{port}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {(artifacts.parent / log.name).read_text()[-2000:]}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not answer /health within 120 s")
-        yield url
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+    for attempt in range(3):
+        port = free_port()
+        cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
+               "--artifacts-destination", str(artifacts), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", *args]
+        log_path = artifacts.parent / f"mlflow-server-{port}.log"
+        log = open(log_path, "w")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        url = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            deadline = time.time() + 120
+            while time.time() < deadline:
+                if proc.poll() is not None:
+                    break
+                with contextlib.suppress(requests.RequestException):
+                    if requests.get(f"{url}/health", timeout=2).ok:
+                        break
+                time.sleep(0.5)
+            else:
+                raise RuntimeError("mlflow server did not answer /health within 120 s")
+            if proc.poll() is not None:
+                if attempt < 2 and "address already in use" in log_path.read_text().lower():
+                    continue  # the port was taken meanwhile: another one
+                raise RuntimeError(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+            yield url
+            return
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+            log.close()
 
 
 def postgres_bin() -> Path | None:

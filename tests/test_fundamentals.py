@@ -96,13 +96,61 @@ def test_seed_parameter_table():
     assert dense_weights([150_528, 512]) == 77_070_336
 
 
-@pytest.mark.parametrize("name", ["lenet5", "seed_mnist", "alexnet", "vgg16", "googlenet", "resnet18", "resnet50",
-                                  "mobilenet_v2", "efficientnet_b0"])
+@pytest.mark.parametrize("name", ["lenet5", "seed_mnist", "alexnet", "vgg16", "googlenet", "inception_v3", "resnet18",
+                                  "resnet50", "mobilenet_v2", "efficientnet_b0", "efficientnet_lite0",
+                                  "efficientnet_lite1", "efficientnet_lite2"])
 def test_formula_counts_agree_with_torch(name):
     from pipeline.models import registry
 
     model = registry.get(name).build_canonical()
     assert model_formula_params(model) == sum(p.numel() for p in model.parameters())
+
+
+# The claims' networks, counted by hand from the course's formulas at 28x28x1, 10 classes.
+CLAIM_MODELS = {
+    "dense_mnist": dense_params(784, 512) + dense_params(512, 10),  # 407,050
+    "seed_mnist_bn": conv_params(3, 1, 32) + conv_params(3, 32, 64) + 2 * (32 + 64) + dense_params(7 * 7 * 64, 128)
+    + dense_params(128, 10),
+    "seed_mnist_nopool": conv_params(3, 1, 32) + conv_params(3, 32, 64) + dense_params(28 * 28 * 64, 128)
+    + dense_params(128, 10),
+    "seed_mnist_gap": conv_params(3, 1, 32) + conv_params(3, 32, 64) + dense_params(64, 128) + dense_params(128, 10),
+    "stack_3x3": conv_params(3, 1, 32) + conv_params(3, 32, 32) + conv_params(3, 32, 64) + conv_params(3, 64, 64)
+    + dense_params(64, 10),
+    "stack_5x5": conv_params(5, 1, 32) + conv_params(5, 32, 80) + dense_params(80, 10),
+    "plain20": conv_params(3, 1, 16) + 20 * conv_params(3, 16, 16) + dense_params(16, 10),
+    "residual20": conv_params(3, 1, 16) + 20 * conv_params(3, 16, 16) + dense_params(16, 10),  # skips add nothing
+}
+
+
+@pytest.mark.parametrize("name", list(CLAIM_MODELS))
+def test_the_claims_networks_have_their_formula_counts(name):
+    from pipeline.models.cnn import build, preset
+
+    model = build(preset(name), 1, 28, 10)
+    assert sum(p.numel() for p in model.parameters()) == model_formula_params(model) == CLAIM_MODELS[name]
+    assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_the_claims_sizes_are_the_seeds():
+    assert CLAIM_MODELS["dense_mnist"] == 407_050  # the seed's 784 -> 512 -> 10
+    assert abs(CLAIM_MODELS["stack_3x3"] - CLAIM_MODELS["stack_5x5"]) < 0.01 * CLAIM_MODELS["stack_3x3"]
+    assert CLAIM_MODELS["residual20"] == CLAIM_MODELS["plain20"] == 46_730
+
+
+# Published multiply-accumulates per image at the canonical input (torchvision's model docs list GFLOPS, which
+# are these MACs: resnet18 1.81, resnet50 4.09, vgg16 15.47, mobilenet_v2 0.30, efficientnet_b0 0.39, alexnet 0.71).
+PUBLISHED_GMACS = {"resnet18": 1.81, "resnet50": 4.09, "vgg16": 15.47, "mobilenet_v2": 0.30,
+                   "efficientnet_b0": 0.39, "alexnet": 0.71}
+
+
+@pytest.mark.parametrize("name", list(PUBLISHED_GMACS))
+def test_compares_macs_are_the_published_ones(name):
+    from pipeline.evaluation import macs_per_image
+    from pipeline.models import registry
+
+    arch = registry.get(name)
+    macs = macs_per_image(arch.build_canonical(), (3, arch.canonical_size, arch.canonical_size))
+    assert macs / 1e9 == pytest.approx(PUBLISHED_GMACS[name], rel=0.03)
 
 
 def test_cli_size_and_demo():

@@ -41,7 +41,8 @@ def test_impossible_stack_is_one_line_naming_layer_and_sizes():
 # Published counts (torchvision's model docs; the EfficientNet-Lite0 state dict; LeNet-5 and ours by formula).
 EXPECTED = {"resnet50": 25_557_032, "vgg16": 138_357_544, "mobilenet_v2": 3_504_872,
             "efficientnet_b0": 5_288_548, "googlenet": 6_624_904, "alexnet": 61_100_840,
-            "inception_v3": 23_834_568, "efficientnet_lite0": 4_652_008,
+            "inception_v3": 23_834_568, "efficientnet_lite0": 4_652_008, "efficientnet_lite1": 5_416_680,
+            "efficientnet_lite2": 6_092_072,
             "resnet18": 11_689_512, "lenet5": 61_706, "seed_mnist": 421_642}
 
 

@@ -124,26 +124,47 @@ def test_early_stopping_stops_when_the_monitor_stalls(tmp_path, monkeypatch, tin
     assert full.epochs_run == 4
 
 
-@pytest.mark.parametrize(("cuda", "bf16", "accelerator", "expected"), [
-    (False, False, "auto", "32-true"),   # the CPU: full precision
-    (True, True, "auto", "bf16-mixed"),  # an Ampere-or-newer GPU
-    (True, False, "auto", "16-mixed"),   # an older GPU
-    (True, True, "cpu", "32-true"),      # a GPU present but the CPU asked for
-    (True, True, "gpu", "bf16-mixed"),
+@pytest.mark.parametrize(("cuda", "bf16", "cpu_bf16", "accelerator", "expected"), [
+    (False, False, False, "auto", "32-true"),  # a CPU without native bf16: full precision
+    (False, False, True, "auto", "bf16-mixed"),  # a CPU with AVX512-BF16 or AMX (this project's machine)
+    (True, True, False, "auto", "bf16-mixed"),  # an Ampere-or-newer GPU
+    (True, False, False, "auto", "16-mixed"),  # an older GPU
+    (True, True, False, "cpu", "32-true"),  # a GPU present but the CPU asked for
+    (True, True, True, "cpu", "bf16-mixed"),
+    (True, True, False, "gpu", "bf16-mixed"),
 ])
-def test_precision_auto_resolves_per_device(monkeypatch, cuda, bf16, accelerator, expected):
+def test_precision_auto_resolves_per_device(monkeypatch, cuda, bf16, cpu_bf16, accelerator, expected):
+    from pipeline.training import fit as fit_module
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    monkeypatch.setattr(fit_module, "cpu_has_bf16", lambda: cpu_bf16)
     assert resolve_precision("auto", accelerator) == expected
     assert resolve_precision("16-mixed", accelerator) == "16-mixed"  # an explicit value is kept
 
 
-def test_the_trainer_on_this_cpu_runs_in_full_precision(tmp_path):
+def test_native_bf16_is_read_off_the_cpu():
+    """What the detection says is what /proc/cpuinfo says (avx512_bf16 or amx_bf16 flags), on Linux."""
+    from pathlib import Path
+
+    from pipeline.training.fit import cpu_has_bf16
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split())
+    assert cpu_has_bf16() == bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def test_the_trainer_on_this_cpu_runs_in_its_precision(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this checks the CPU path")
+    from pipeline.training.fit import cpu_has_bf16
+
     p = parse({})
     trainer, _ = build_trainer(FitConfig(p.trainer, 1, quiet=True), tmp_path)
-    assert trainer.precision == "32-true" and trainer.accelerator.__class__.__name__ == "CPUAccelerator"
+    assert trainer.precision == ("bf16-mixed" if cpu_has_bf16() else "32-true")
+    assert trainer.accelerator.__class__.__name__ == "CPUAccelerator"
 
 
 @pytest.mark.parametrize("channels_last", [True, False])

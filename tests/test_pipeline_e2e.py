@@ -18,9 +18,6 @@ import yaml
 
 from tests.conftest import make_repo_copy
 
-# One tiny `dvc repro` serves every test here: under pytest-xdist they all run in the worker that made it.
-pytestmark = pytest.mark.xdist_group("e2e")
-
 STAGES = ["prepare", "prepare_photos", "augment", "augment_photos", "train_scratch", "transfer_learn",
           "transfer_photos", "evaluate", "compare", "explain"]
 
@@ -324,3 +321,33 @@ def test_the_champion_is_served_and_predicts_what_evaluate_measured(repro):
     served = float((logits.argmax(1) == y).mean())
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
     assert served == pytest.approx(evaluate["seed_mnist"]["accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_every_params_key_a_training_reads_is_in_its_runs_params(repro):
+    """No hidden knob: each training stage's MLflow runs (with their parent, for a sweep) log every params key of
+    the sections dvc.yaml says the stage reads (mlflow.* names where runs go, not how they train)."""
+    from mlflow import MlflowClient
+
+    from pipeline.params import flatten, load
+
+    repo, _ = repro
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    p = load(repo / "params.yaml")
+    declared = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    checked = 0
+    for stage in ("augment", "augment_photos", "train_scratch", "transfer_learn", "transfer_photos", "compare",
+                  "claims"):
+        sections = [s for s in declared[stage]["params"] if s != "mlflow"]
+        keys = set(flatten({s: getattr(p, s) for s in sections}))
+        runs = client.search_runs(experiments, f"tags.stage = '{stage}'")
+        parents = {r.info.run_id: r for r in runs if "mlflow.parentRunId" not in r.data.tags}
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags] or list(parents.values())
+        assert children, stage
+        for run in children:
+            parent = parents.get(run.data.tags.get("mlflow.parentRunId"))
+            logged = set(run.data.params) | (set(parent.data.params) if parent else set())
+            assert keys <= logged, (stage, run.info.run_name, sorted(keys - logged)[:5])
+            checked += 1
+    assert checked >= 20

@@ -15,7 +15,7 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import PYTHON, ready_to_train, run_module
+from tests.conftest import PYTHON, ready_to_train
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,19 @@ def edit_params(repo, **sections) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def start_training(repo, until: str, stderr=subprocess.STDOUT) -> subprocess.Popen:
-    """train_scratch in the background, returned once its output shows a line starting with `until`."""
+def start_training(repo, until: str, stderr=subprocess.STDOUT, drain: bool = True) -> subprocess.Popen:
+    """train_scratch in the background, returned once its output shows a line starting with `until`; the rest
+    of its output is read by a thread (`drain`), so that a full pipe never blocks it while a test waits."""
+    import threading
+
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
     proc = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=stderr)
     for line in proc.stdout:
         if line.startswith(until):
             break
+    if drain:
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
     return proc
 
 
@@ -75,11 +80,11 @@ def run_statuses(repo) -> list[str]:
     return [r.info.status for r in runs if r.info.run_name.startswith("train_scratch")]
 
 
-def test_a_diverged_training_publishes_nothing(repo):
+def test_a_diverged_training_publishes_nothing(repo, run_stage):
     (repo / "models/scratch").mkdir(parents=True)
     (repo / "models/scratch/model.pt").write_bytes(b"the previous good model")
     edit_params(repo, train={"lr": 10.0, "optimizer": "sgd", "scheduler": "none", "warmup_epochs": 0})
-    result = run_module("pipeline.stages.train_scratch", repo)
+    result = run_stage(repo, "train_scratch")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and re.match(r"error: training diverged: (train|val)_loss is nan at epoch \d+ \(lr 10\)",
@@ -94,7 +99,7 @@ def test_a_signal_stops_the_stage_with_its_exit_code_and_keeps_the_outputs(repo,
     (repo / "models/scratch").mkdir(parents=True)
     (repo / "models/scratch/model.pt").write_bytes(b"the previous good model")
     edit_params(repo, train={"epochs": 200, "early_stopping": {"enabled": False, "patience": 5}})
-    proc = start_training(repo, "epoch 1/", stderr=subprocess.PIPE)  # training has started
+    proc = start_training(repo, "epoch 1/", stderr=subprocess.PIPE, drain=False)  # training has started
     proc.send_signal(signum)
     try:
         _, stderr = proc.communicate(timeout=120)
@@ -109,21 +114,21 @@ def test_a_signal_stops_the_stage_with_its_exit_code_and_keeps_the_outputs(repo,
     assert run_statuses(repo) and "RUNNING" not in run_statuses(repo)
 
 
-def test_a_gpu_accelerator_without_a_gpu_is_one_line(repo):
+def test_a_gpu_accelerator_without_a_gpu_is_one_line(repo, run_stage):
     edit_params(repo, trainer={"accelerator": "gpu"})
-    result = run_module("pipeline.stages.train_scratch", repo)
+    result = run_stage(repo, "train_scratch")
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: trainer.accelerator=gpu: this machine has no CUDA GPU (use auto, "
                                      "which picks the GPU when there is one, or cpu)")
 
 
-def test_empty_params_file_is_an_error(repo):
+def test_empty_params_file_is_an_error(repo, run_stage):
     (repo / "params.yaml").write_text("# nothing here\n")
-    result = run_module("pipeline.stages.train_scratch", repo)
+    result = run_stage(repo, "train_scratch")
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: params.yaml: empty (expected the sections seed, data, augment, model, "
                                      "train, transfer, photos, augment_photos, transfer_photos, evaluate, compare, explain, "
-                                     "trainer, mlflow)")
+                                     "claims, trainer, mlflow)")
 
 
 def test_a_model_file_in_the_wrong_folder_is_named(repo, run_stage):
@@ -214,7 +219,7 @@ def test_outputs_are_published_as_a_set(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json", "models"]
 
 
-def test_a_killed_training_resumes_from_its_last_epoch(repo):
+def test_a_killed_training_resumes_from_its_last_epoch(repo, run_stage):
     import json
 
     from mlflow import MlflowClient
@@ -226,7 +231,7 @@ def test_a_killed_training_resumes_from_its_last_epoch(repo):
     folders = list((repo / ".cache/checkpoints").glob("resume-train_scratch-*"))
     assert len(folders) == 1 and (folders[0] / "last.ckpt").exists()
     killed_run = (folders[0] / "mlflow_run_id").read_text()
-    result = run_module("pipeline.stages.train_scratch", repo)
+    result = run_stage(repo, "train_scratch")
     assert result.returncode == 0, result.stderr[-2000:]
     resumed = re.search(r"resuming after epoch ([123]) from .*last.ckpt \(MLflow run " + killed_run, result.stdout)
     assert resumed
@@ -252,13 +257,13 @@ def test_a_killed_training_resumes_from_its_last_epoch(repo):
     edit_params(repo, train={"epochs": 3})
     (folders[0]).mkdir(parents=True)
     (folders[0] / "last.ckpt").write_bytes(b"a stale checkpoint of other params")
-    result = run_module("pipeline.stages.train_scratch", repo)
+    result = run_stage(repo, "train_scratch")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "train_scratch: an interrupted training with other params or data exists; this one starts over" in result.stdout
     assert json.loads((repo / "metrics/train_scratch.json").read_text())["epochs_run"] == 3
 
 
-def test_two_trainings_at_once_each_publish_their_own_weights(repo):
+def test_two_trainings_at_once_each_publish_their_own_weights(repo, run_stage):
     import json
 
     import torch
@@ -274,7 +279,7 @@ def test_two_trainings_at_once_each_publish_their_own_weights(repo):
     pause_outside_a_store_write(long, repo / "mlflow.db")
     try:
         edit_params(repo, train={"epochs": 1, "lr": 0.003})
-        short = run_module("pipeline.stages.train_scratch", repo)
+        short = run_stage(repo, "train_scratch")
     finally:
         os.kill(long.pid, signal.SIGCONT)
     assert short.returncode == 0, short.stderr[-2000:]
@@ -293,25 +298,25 @@ def test_two_trainings_at_once_each_publish_their_own_weights(repo):
     assert client.get_run(long_run).data.params["train.epochs"] == "6"
 
 
-def test_an_output_folder_that_cannot_be_written_stops_the_stage_before_training(repo):
+def test_an_output_folder_that_cannot_be_written_stops_the_stage_before_training(repo, run_stage):
     shutil.rmtree(repo / "metrics", ignore_errors=True)
     (repo / "metrics").write_text("a file where the metrics folder belongs")
-    result = run_module("pipeline.stages.train_scratch", repo)
+    result = run_stage(repo, "train_scratch")
     assert result.returncode == 2
     assert re.fullmatch(r"error: train_scratch: cannot write its output metrics/train_scratch.json \(\w+Error: .*\); "
                         r"make metrics/ writable\n", result.stderr), result.stderr
     assert not (repo / "models/scratch/model.pt").exists() and "epoch 1/" not in result.stdout
 
 
-def test_a_store_that_cannot_be_written_stops_the_stage_before_training(repo):
+def test_a_store_that_cannot_be_written_stops_the_stage_before_training(repo, run_stage):
     store = repo / "mlflow.db"
-    result = run_module("pipeline.stages.augment", repo)  # creates the store
+    result = run_stage(repo, "augment")  # creates the store
     assert result.returncode == 0, result.stderr
     made_immutable = subprocess.run(["chattr", "+i", str(store)], capture_output=True)
     if made_immutable.returncode != 0:
         pytest.skip(f"chattr +i is not permitted here: {made_immutable.stderr.strip()}")
     try:
-        result = run_module("pipeline.stages.train_scratch", repo)
+        result = run_stage(repo, "train_scratch")
     finally:
         subprocess.run(["chattr", "-i", str(store)], check=True)
     assert result.returncode == 2
@@ -356,7 +361,7 @@ def test_two_processes_publishing_the_same_outputs_at_once_each_publish_whole_se
     assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "models"]
 
 
-def test_a_half_written_resume_checkpoint_is_set_aside_and_the_training_starts_over(repo):
+def test_a_half_written_resume_checkpoint_is_set_aside_and_the_training_starts_over(repo, run_stage):
     """A kill while Lightning writes last.ckpt (a full disk, a power cut) leaves it truncated: the rerun says in
     one line that it starts over and why, keeps the broken file aside, trains from the first epoch."""
     import json
@@ -371,7 +376,7 @@ def test_a_half_written_resume_checkpoint_is_set_aside_and_the_training_starts_o
     killed_run = (folder / "mlflow_run_id").read_text()
     last = folder / "last.ckpt"
     last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])  # torn in the middle of the write
-    result = run_module("pipeline.stages.train_scratch", repo)
+    result = run_stage(repo, "train_scratch")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Traceback" not in result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if "cannot be read" in line]

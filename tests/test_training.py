@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from pipeline.params import AugmentParams, parse
-from tests.conftest import ready_to_train, run_module
+from tests.conftest import ready_to_train
 
 
 def scratch_run(tmp_path, data, seed=0, epochs=2) -> dict:
@@ -96,21 +96,21 @@ def test_same_seed_same_metrics(tmp_path, monkeypatch, mlflow_store, tiny_prepar
     assert a[1][-1]["train_loss"] != c[1][-1]["train_loss"]
 
 
-def test_unreachable_store_fails_before_training(tmp_path, tiny_prepared):
+def test_unreachable_store_fails_before_training(tmp_path, tiny_prepared, run_stage):
     repo = ready_to_train(tmp_path / "repo", tiny_prepared)
-    result = run_module("pipeline.stages.train_scratch", repo, env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
+    result = run_stage(repo, "train_scratch", env={"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"})
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: MLflow tracking server http://127.0.0.1:9 cannot be reached")
     assert not (repo / "models").exists()
 
 
-def test_impossible_layer_stack_stops_the_stage(tmp_path, tiny_prepared):
+def test_impossible_layer_stack_stops_the_stage(tmp_path, tiny_prepared, run_stage):
     repo = ready_to_train(tmp_path / "repo", tiny_prepared)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["model"]["preset"] = "custom"
     params["model"]["blocks"][2] |= {"stride": 8, "pool": "max"}
     (repo / "params.yaml").write_text(yaml.safe_dump(params))
-    result = run_module("pipeline.stages.train_scratch", repo)
+    result = run_stage(repo, "train_scratch")
     assert result.returncode == 2
     assert result.stderr.startswith("error: model block 3: max pool 2x2 does not fit its 1x1 input"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -118,31 +118,42 @@ def test_impossible_layer_stack_stops_the_stage(tmp_path, tiny_prepared):
 
 def test_champion_moves_only_to_a_version_at_least_as_accurate(tmp_path, monkeypatch, mlflow_store, tiny_prepared,
                                                                 capsys):
+    """First, worse (stays), equally accurate (moves: "at least as accurate"), better (moves); evaluate's test
+    metrics land in each model's own training run."""
     from mlflow import MlflowClient
 
-    from pipeline.stages import evaluate
+    from pipeline.data import augment as aug
+    from pipeline.stages import evaluate, train_scratch
 
     monkeypatch.chdir(tmp_path)
+    client = MlflowClient(mlflow_store)
     p = parse({"evaluate": {"latency_runs": 3, "warmup_runs": 1}})
-    scratch_run(tmp_path, tiny_prepared, epochs=2)
-    first = evaluate.run(p)["seed_mnist"]["accuracy"]
-    assert "evaluate: cnn-pipeline-scratch: v1 is the first champion" in capsys.readouterr().out
-    # A worse model (one epoch at a tiny learning rate): a new candidate, not a new champion.
-    data_params = {"train": {"epochs": 1, "lr": 1e-6, "batch_size": 32, "warmup_epochs": 0}}
-    from pipeline.data import augment as aug
-    from pipeline.stages import train_scratch
 
-    aug.save(aug.build(AugmentParams(), 0))
-    train_scratch.run(parse(data_params))
-    second = evaluate.run(p)["seed_mnist"]["accuracy"]
+    def version(train: dict) -> tuple[float, str]:
+        aug.save(aug.build(AugmentParams(), 0))
+        metrics = train_scratch.run(parse({"train": {"batch_size": 32, "warmup_epochs": 0} | train}))
+        result = evaluate.run(p)["seed_mnist"]
+        # the normal case: the test metrics go to the model's own training run
+        assert client.get_run(metrics["mlflow_run_id"]).data.metrics["test_accuracy"] == result["accuracy"]
+        return result["accuracy"], capsys.readouterr().out
+
+    tiny_prepared.save(tmp_path / "data/prepared")
+    first, out = version({"epochs": 2})
+    assert "evaluate: cnn-pipeline-scratch: v1 is the first champion" in out
+    second, out = version({"epochs": 1, "lr": 1e-6})  # one epoch at a tiny learning rate: worse
     assert second < first
-    out = capsys.readouterr().out
     assert (f"evaluate: cnn-pipeline-scratch: champion stays v1 (test acc {first:.4f} on these images; "
             f"v2: {second:.4f})") in out
-    client = MlflowClient(mlflow_store)
     assert str(client.get_model_version_by_alias("cnn-pipeline-scratch", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("cnn-pipeline-scratch", "candidate").version) == "2"
     assert client.get_model_version("cnn-pipeline-scratch", "2").tags["test_accuracy"] == str(second)
+    third, out = version({"epochs": 2})  # the first one's params and seed: as accurate, so it takes the alias
+    assert third == first
+    assert f"evaluate: cnn-pipeline-scratch: champion moves from v1 ({first:.4f}) to v3 ({third:.4f})" in out
+    fourth, out = version({"epochs": 8, "lr": 0.003})  # trained longer: better
+    assert fourth > third
+    assert f"evaluate: cnn-pipeline-scratch: champion moves from v3 ({third:.4f}) to v4 ({fourth:.4f})" in out
+    assert str(client.get_model_version_by_alias("cnn-pipeline-scratch", "champion").version) == "4"
     # The champion loads by its alias in a fresh process.
     code = ("import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/cnn-pipeline-scratch@champion');"
             "print(m.predict(np.zeros((2, 1, 28, 28), dtype='float32')).shape)")

@@ -17,7 +17,7 @@ from pipeline.models.cnn import Classifier
 from pipeline.models.transfer import (
     HeadOnly,
     TransferNet,
-    extract_features,
+    extract,
     freeze_base,
     load_base_from_checkpoint,
     load_imagenet_base,
@@ -93,14 +93,14 @@ def test_cached_feature_path_agrees_with_naive_loop(tmp_path, monkeypatch, mlflo
         freeze_base(model.net, 0)
         bn_before = model.net.base[1].running_mean.clone()
         if cached:
-            feats = {k: extract_features(model, v[0]) for k, v in (("train", train), ("val", splits["val"]))}
+            feats = {k: extract(model, v[0]) for k, v in (("train", train), ("val", splits["val"]))}
             module = ClassifierModule(HeadOnly(model.net.head), TransferParams(lr=0.01, scheduler="cosine"))
             dm = TensorDataModule((feats["train"], torch.as_tensor(train[1])),
                                   (feats["val"], torch.as_tensor(splits["val"][1])), 8, 0)
         else:
             module = ClassifierModule(model, TransferParams(lr=0.01, scheduler="cosine"))
             dm = ImageDataModule({"train": train, "val": splits["val"]}, 8, 0)
-        result = fit(module, dm, FitConfig(TrainerParams(), 3))
+        result = fit(module, dm, FitConfig(TrainerParams(precision="32-true"), 3))  # equal step for step
         losses[cached] = [(r["train_loss"], r["val_loss"]) for r in result.rows]
         heads[cached] = model.net.head.state_dict()
         assert torch.equal(model.net.base[1].running_mean, bn_before)  # frozen BN statistics untouched
@@ -172,6 +172,23 @@ def test_efficientnet_lite0_imagenet_weights_are_the_real_ones():
     assert torch.equal(transfer.base[-3].weight, net._conv_head.weight)
 
 
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_efficientnet_lite1_and_lite2_weights_know_a_cat(name):
+    """scikit-image's photo of Chelsea the cat: the real ImageNet weights put a cat class (281-285) in the top 5
+    at the model's own input size; the same network with random weights does not."""
+    from skimage.data import chelsea
+
+    arch = registry.get(name)
+    cats = set(range(281, 286))
+    net = arch.build(1000, arch.canonical_size)
+    net.load_state_dict(arch.imagenet(), strict=True)
+    model = Classifier(net, *arch.imagenet_norm, 3, arch.canonical_size)
+    assert cats & set(top5(model, chelsea()))
+    seed_all(0)
+    assert not cats & set(top5(Classifier(arch.build(1000, arch.canonical_size), *arch.imagenet_norm, 3,
+                                          arch.canonical_size), chelsea()))
+
+
 def test_mismatching_checkpoint_names_the_first_bad_layer(tmp_path):
     arch = checkpoint.transfer_arch("seed_mnist", 5, 16, 0.0, 28, 1)
     donor = loading.build_classifier(arch, [0.5], [0.25], 28)
@@ -209,17 +226,30 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
         (n, s, st) for n in (3,) for s in (0, 1) for st in strategies)
     test_images = result["test_images"]
     assert test_images == len(tiny_prepared.y["test"])  # every class, the whole test split
+    # every seed its own images (and init); the strategies of one (N, seed) share the images
+    images = {(r["target_per_class"], r["seed"]): {x["images"] for x in rows if (x["target_per_class"], x["seed"])
+                                                   == (r["target_per_class"], r["seed"])} for r in rows}
+    assert all(len(v) == 1 for v in images.values()) and len({v.pop() for v in images.values()}) == len(images)
     for n in ("3",):
         for st in strategies:
             accs = [float(r["test_acc"]) for r in rows if r["target_per_class"] == n and r["strategy"] == st]
             assert result["summary"][n][st]["mean"] == pytest.approx(np.mean(accs), abs=1e-6)
             assert result["summary"][n][st]["std"] == pytest.approx(np.std(accs, ddof=1), abs=1e-6)
             assert all(abs(a * test_images - round(a * test_images)) < 1e-3 for a in accs)  # k of N images
+            low, high = result["summary"][n][st]["ci95"]
+            assert low <= np.mean(accs) <= high and result["summary"][n][st]["min"] == pytest.approx(min(accs))
         means = {st: result["summary"][n][st]["mean"] for st in strategies}
+        stds = {st: result["summary"][n][st]["std"] for st in strategies}
         verdict = result["verdict"][n]
         assert means[verdict["winner"]] == max(means.values())
-        assert verdict["gap"] == pytest.approx(means[verdict["winner"]] - means[verdict["runner_up"]], abs=1e-6)
-        assert verdict["clear"] == (verdict["gap"] > verdict["spread"])
+        versus = verdict["transfer_vs_scratch"]  # the better ImageNet strategy against our CNN, by the rule
+        best = versus["pretrained"]
+        assert means[best] == max(means["feature_extraction"], means["fine_tuning"])
+        assert versus["gap"] == pytest.approx(means[best] - means["scratch"], abs=1e-6)
+        assert versus["spread"] == pytest.approx(max(stds[best], stds["scratch"]), abs=1e-6)
+        expected = ("holds" if versus["gap"] > versus["spread"] else
+                    "contradicted" if versus["gap"] < -versus["spread"] else "inconclusive")
+        assert versus["outcome"] == expected
     # The largest N, seed 0 is saved for evaluate, and its file reproduces the sweep's test accuracy.
     from pipeline.predict import predict_proba
 
@@ -235,6 +265,47 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)
     assert len(children) == len(rows)
     assert (tmp_path / "plots/transfer_learn/crossover.png").stat().st_size > 5000
+
+
+def test_fine_tuning_trains_the_last_blocks_at_the_base_rate_through_the_stage(tmp_path, monkeypatch, mlflow_store,
+                                                                               tiny_prepared):
+    """unfreeze_blocks and backbone_lr_factor, as the stage uses them: the base's blocks before the last ones keep
+    their ImageNet weights bit for bit, the last one moves, and its optimizer gives the base lr * factor."""
+    from pipeline import params as params_mod
+    from pipeline.data import augment as aug
+    from pipeline.models import registry
+    from pipeline.stages import transfer_learn
+    from pipeline.training import transfer
+
+    monkeypatch.chdir(tmp_path)
+    tiny_prepared.save(tmp_path / "data/prepared")
+    aug.save(aug.build(params_mod.AugmentParams(), 0))
+    groups: list[dict] = []
+
+    class Recording(transfer.ClassifierModule):  # the stage's own module, its optimizer's groups recorded
+        def configure_optimizers(self):
+            out = super().configure_optimizers()
+            optimizer = out if isinstance(out, torch.optim.Optimizer) else out["optimizer"]
+            groups.append({g.get("name", "all"): g["lr"] for g in optimizer.param_groups})
+            return out
+
+    monkeypatch.setattr(transfer, "ClassifierModule", Recording)
+    p = params_mod.parse({"transfer": {"strategies": ["fine_tuning"], "image_size": 32, "target_per_class": [3],
+                                       "seeds": 2, "steps": 4, "head_steps": 2, "val_per_class": 2, "batch_size": 4,
+                                       "lr": 0.01, "unfreeze_blocks": 2, "backbone_lr_factor": 0.25}})
+    transfer_learn.run(p)
+    assert {"head": 0.01, "base": 0.0025} in groups  # fine-tuning: the base at lr * backbone_lr_factor
+    tuned, _, _ = loading.load(tmp_path / "models/transfer/fine_tuning.pt")
+    reference = TransferNet("efficientnet_lite0", 10, 128, 0.3, 32, 3)
+    load_imagenet_base(reference)
+    blocks = registry.base_blocks(tuned.net.base)
+    frozen = {id(p) for b in blocks[:-2] for p in b.parameters()}
+    for (name, got), want in zip(tuned.net.base.named_parameters(), reference.base.parameters(), strict=True):
+        if id(got) in frozen:
+            assert torch.equal(got, want), name
+    last_conv = next(m for m in blocks[-2].modules() if isinstance(m, torch.nn.Conv2d))
+    before = next(m for m in registry.base_blocks(reference.base)[-2].modules() if isinstance(m, torch.nn.Conv2d))
+    assert not torch.equal(last_conv.weight, before.weight)  # the unfrozen block trained
 
 
 def test_source_task_base_is_pretrained_and_reused_by_the_target_models(tmp_path, monkeypatch, mlflow_store,
@@ -262,7 +333,7 @@ def test_source_task_base_is_pretrained_and_reused_by_the_target_models(tmp_path
     monkeypatch.setattr(transfer_learn, "base_weights", keep_base)
     p = params_mod.parse({"transfer": {"backbone": "seed_mnist", "weights": "source_task", "image_size": 28,
                                        "pretrain_epochs": 2, "strategies": ["feature_extraction", "fine_tuning"],
-                                       "target_per_class": [3], "seeds": 1, "steps": 3, "head_steps": 3,
+                                       "target_per_class": [3], "seeds": 2, "steps": 3, "head_steps": 3,
                                        "val_per_class": 2, "batch_size": 4}})
     result = transfer_learn.run(p)
     (base,) = bases

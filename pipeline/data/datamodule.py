@@ -115,42 +115,48 @@ class Batches:
     Epoch e shuffles with `torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + e))`,
     so a run repeats exactly and a resumed one sees the epochs it would have seen. Lightning sets the epoch
     through `sampler.set_epoch`, as it does for a DataLoader's sampler. A shuffled split drops a short last batch
-    (a batch of one breaks BatchNorm)."""
+    (a batch of one breaks BatchNorm). `passes` > 1 makes an epoch that many passes over the data, each its own
+    permutation (a few labelled images per class: an epoch of a useful length, not one step)."""
 
-    def __init__(self, dataset: ImageDataset | TensorDataset, batch_size: int, shuffle: bool, seed: int) -> None:
+    def __init__(self, dataset: ImageDataset | TensorDataset, batch_size: int, shuffle: bool, seed: int,
+                 passes: int = 1) -> None:
         self.dataset, self.batch_size, self.shuffle, self.seed = dataset, batch_size, shuffle, seed
         self.drop_last = shuffle and len(dataset) > batch_size
+        self.passes = passes if shuffle else 1
         self.epoch = 0
         self.sampler, self.batch_sampler = self, None  # where Lightning looks for set_epoch (as on a DataLoader)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __len__(self) -> int:
+    def per_pass(self) -> int:
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
+    def __len__(self) -> int:
+        return self.per_pass() * self.passes
+
     def __iter__(self):
         n = len(self.dataset)
-        if self.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch))
-        else:
-            order = torch.arange(n)
         take = self.dataset.take if isinstance(self.dataset, ImageDataset) else self._take_tensors
-        for start in range(0, len(self) * self.batch_size, self.batch_size):
-            yield take(order[start : start + self.batch_size])
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        for _ in range(self.passes):
+            order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
+            for start in range(0, self.per_pass() * self.batch_size, self.batch_size):
+                yield take(order[start : start + self.batch_size])
 
     def _take_tensors(self, idx: torch.Tensor) -> list[torch.Tensor]:
         return [torch.index_select(t, 0, idx.to(t.device)) for t in self.dataset.tensors]
 
 
 def make_loader(dataset: ImageDataset | TensorDataset, batch_size: int, shuffle: bool, seed: int,
-                num_workers: int = 0) -> Batches | DataLoader:
+                num_workers: int = 0, passes: int = 1) -> Batches | DataLoader:
     """Batches in process; torch's DataLoader (its seeded generator, per-worker augmentation seeds) with worker
-    processes or under distributed training, where Lightning puts its distributed sampler into it."""
+    processes or under distributed training, where Lightning puts its distributed sampler into it (one pass an
+    epoch there)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if num_workers == 0 and not distributed:
-        return Batches(dataset, batch_size, shuffle, seed)
+        return Batches(dataset, batch_size, shuffle, seed, passes)
     on_host = not isinstance(dataset, ImageDataset) or dataset.tensor is None or dataset.tensor.device.type == "cpu"
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
@@ -167,9 +173,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     def __init__(self, splits: dict[str, tuple[np.ndarray, np.ndarray]], batch_size: int, seed: int,
                  augment: A.Compose | None = None, image_size: int | None = None, batched: bool | str = "auto",
-                 num_workers: int = 0) -> None:
+                 num_workers: int = 0, passes: int = 1) -> None:
         super().__init__()
         self.splits, self.batch_size, self.seed, self.num_workers = splits, batch_size, seed, num_workers
+        self.passes = passes
         self.augment = augment if augment is not None and len(augment.transforms) else None
         self.image_size, self.batched = image_size, batched
         self.device, self.rank = torch.device("cpu"), 0
@@ -214,7 +221,8 @@ class ImageDataModule(pl.LightningDataModule):
         return self._datasets[split]
 
     def train_dataloader(self) -> Batches | DataLoader:
-        return make_loader(self.dataset("train"), self.batch_size, True, self.seed + self.rank, self.num_workers)
+        return make_loader(self.dataset("train"), self.batch_size, True, self.seed + self.rank, self.num_workers,
+                           self.passes)
 
     def val_dataloader(self) -> Batches | DataLoader:
         return make_loader(self.dataset("val"), self.batch_size, False, self.seed, self.num_workers)
@@ -234,10 +242,10 @@ class TensorDataModule(pl.LightningDataModule):
     """Ready tensors (e.g. cached features) as train/val loaders, through the same seeded `make_loader`."""
 
     def __init__(self, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor],
-                 batch_size: int, seed: int) -> None:
+                 batch_size: int, seed: int, passes: int = 1) -> None:
         super().__init__()
         self.train_set, self.val_set = TensorDataset(*train), TensorDataset(*val)
-        self.batch_size, self.seed = batch_size, seed
+        self.batch_size, self.seed, self.passes = batch_size, seed, passes
 
     def setup(self, stage: str) -> None:
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
@@ -245,7 +253,7 @@ class TensorDataModule(pl.LightningDataModule):
             data.tensors = tuple(t.to(device) for t in data.tensors)
 
     def train_dataloader(self) -> Batches | DataLoader:
-        return make_loader(self.train_set, self.batch_size, True, self.seed)
+        return make_loader(self.train_set, self.batch_size, True, self.seed, passes=self.passes)
 
     def val_dataloader(self) -> Batches | DataLoader:
         return make_loader(self.val_set, self.batch_size, False, self.seed)

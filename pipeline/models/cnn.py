@@ -7,6 +7,17 @@ keras_tutorial  Conv3x3(32, valid)+Pool -> Conv3x3(64, valid)+Pool -> Conv3x3(64
                 93,322 parameters at 28x28x1.
 lenet5          LeCun et al. 1998: Conv5x5(6)+tanh+AvgPool -> Conv5x5(16)+tanh+AvgPool -> 120 -> 84 -> 10
                 (61,706 parameters at 32x32x1).
+small_cnn       three 3x3 blocks with BatchNorm (32, 64, 128), global average pooling, Dense128: other images.
+
+The course's claims (the claims stage) compare these, each counted by formula in tests/test_models.py:
+dense_mnist        784 -> 512 -> 10, no convolution: 407,050 parameters
+seed_mnist_bn      seed_mnist with BatchNorm after each convolution: 421,834
+seed_mnist_nopool  seed_mnist without pooling: Flatten of 28x28x64 -> 6,442,762
+seed_mnist_gap     seed_mnist with global average pooling instead of Flatten: 28,426
+stack_3x3          two stages of two 3x3 convolutions (32, 32 / 64, 64), GAP: 65,642
+stack_5x5          two stages of one 5x5 convolution (32 / 80), GAP: 65,722 (the same receptive field and size)
+plain20, residual20  a stride-2 stem and 20 3x3 convolutions at width 16, GAP; residual20 adds each pair's
+                   input to its output (He et al. 2015): both 46,730
 """
 
 from __future__ import annotations
@@ -76,7 +87,38 @@ PRESETS: dict[str, CNNSpec] = {
                 Block(16, 5, "valid", activation="tanh", pool="avg")),
         head="flatten", dense=(120, 84), dense_activation="tanh",
     ),
+    # the claims'
+    "dense_mnist": CNNSpec(name="dense_mnist", blocks=(), head="flatten", dense=(512,)),
+    "seed_mnist_bn": CNNSpec(name="seed_mnist_bn", blocks=(Block(32, batch_norm=True), Block(64, batch_norm=True)),
+                             head="flatten", dense=(128,)),
+    "seed_mnist_nopool": CNNSpec(name="seed_mnist_nopool", blocks=(Block(32, pool="none"), Block(64, pool="none")),
+                                 head="flatten", dense=(128,)),
+    "seed_mnist_gap": CNNSpec(name="seed_mnist_gap", blocks=(Block(32), Block(64)), head="global_avg_pool",
+                              dense=(128,)),
+    "stack_3x3": CNNSpec(name="stack_3x3", blocks=(Block(32, pool="none"), Block(32), Block(64, pool="none"),
+                                                   Block(64)), head="global_avg_pool", dense=()),
+    "stack_5x5": CNNSpec(name="stack_5x5", blocks=(Block(32, 5), Block(80, 5)), head="global_avg_pool", dense=()),
 }
+
+
+@dataclass(frozen=True)
+class DeepSpec:
+    """A deep stack of 3x3 convolutions at one width (the claims' plain and residual networks)."""
+
+    name: str
+    width: int = 16
+    depth: int = 20  # convolutions after the stem, in pairs
+    residual: bool = False
+
+    def to_dict(self) -> dict:
+        return {"kind": "deep", **vars(self)}
+
+
+DEEP: dict[str, DeepSpec] = {
+    "plain20": DeepSpec("plain20"),
+    "residual20": DeepSpec("residual20", residual=True),
+}
+
 
 _ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 
@@ -135,11 +177,45 @@ class CNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def preset(name: str, key: str = "model.preset") -> CNNSpec:
-    """The preset `name`, or one line naming the known ones."""
-    if name not in PRESETS:
-        raise PipelineError(f"{key}: unknown CNN preset {name!r}; known: {', '.join(PRESETS)}")
-    return PRESETS[name]
+def preset(name: str, key: str = "model.preset") -> CNNSpec | DeepSpec:
+    """The preset `name` (a CNNSpec, or a DeepSpec for the deep plain and residual stacks), or one line naming
+    the known ones."""
+    if name not in PRESETS and name not in DEEP:
+        raise PipelineError(f"{key}: unknown CNN preset {name!r}; known: {', '.join([*PRESETS, *DEEP])}")
+    return PRESETS.get(name) or DEEP[name]
+
+
+class _Pair(nn.Module):
+    """conv-ReLU-conv, plus its input when residual, then ReLU."""
+
+    def __init__(self, width: int, residual: bool) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(width, width, 3, padding=1), nn.Conv2d(width, width, 3, padding=1)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv2(torch.relu(self.conv1(x)))
+        return torch.relu(x + y if self.residual else y)
+
+
+class DeepCNN(nn.Module):
+    """A stride-2 3x3 stem, depth/2 pairs of 3x3 convolutions at one width (no BatchNorm, so that what reaches
+    the first layer is what the depth lets through), global average pooling, one dense layer."""
+
+    def __init__(self, spec: DeepSpec, in_channels: int, image_size: int, num_classes: int) -> None:
+        super().__init__()
+        self.spec = spec
+        self.features = nn.Sequential(nn.Conv2d(in_channels, spec.width, 3, stride=2, padding=1), nn.ReLU(),
+                                      *[_Pair(spec.width, spec.residual) for _ in range(spec.depth // 2)])
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(spec.width, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+def build(spec: CNNSpec | DeepSpec, in_channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """The network a spec describes."""
+    return (DeepCNN if isinstance(spec, DeepSpec) else CNN)(spec, in_channels, image_size, num_classes)
 
 
 def spec_from_params(m) -> CNNSpec:

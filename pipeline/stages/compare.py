@@ -79,7 +79,8 @@ def train_one(name: str, data: PreparedData, augmentation, parent_id: str, p) ->
     splits = {s: (data.x[s], data.y[s]) for s in ("train", "val", "test")}
     datamodule = ImageDataModule(splits, c.batch_size, p.seed, augmentation, size, p.trainer.batched_augment,
                                  p.trainer.num_workers)
-    logged = params_mod.flatten({"compare": c}) | {"architecture": name, "image_size": size}
+    logged = params_mod.flatten({"seed": p.seed, "compare": c, "trainer": p.trainer}) | {"architecture": name,
+                                                                                        "trained_at": size}
     run = tracking.RunInfo(p.mlflow.experiment, f"compare/{name}", tracking.run_tags("compare", name, data.data_hash),
                            logged, parent_id=parent_id)
     result = fit(ClassifierModule(model, c), datamodule,
@@ -131,7 +132,7 @@ def run(p: params_mod.Params) -> dict:
     tracking.check_store()
     parent_id = tracking.start_run(p.mlflow.experiment, "compare", tracking.run_tags("compare", "all", data.data_hash))
     with tracking.ended(parent_id):
-        tracking.log_params(parent_id, params_mod.flatten({"compare": p.compare, "seed": p.seed}))
+        tracking.log_params(parent_id, params_mod.flatten({"compare": p.compare, "seed": p.seed, "trainer": p.trainer}))
         static = counted(p.compare.static, parent_id, p)
         trained = [train_one(name, data, augmentation, parent_id, p) for name in p.compare.trained]
         if not is_rank_zero():

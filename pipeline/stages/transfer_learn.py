@@ -99,7 +99,7 @@ def run(p: params_mod.Params, task: tasks.Task = tasks.TASKS["digits"]) -> dict:
         if not is_rank_zero():
             return {}
         result = write_outputs(s, [t.row for t in trained], kept)
-        publish(s, trained, kept, result["summary"])
+        publish(s, kept, result["summary"])
     return result
 
 
@@ -143,26 +143,21 @@ def write_outputs(s: Setup, rows: list[dict], kept: dict[str, Trained]) -> dict:
     return result
 
 
-def publish(s: Setup, trained: list[Trained], kept: dict[str, Trained], summary: dict) -> None:
-    """Each point's run: its test accuracy; the kept models' runs: counts, data sets, the model, a registered
-    version. The parent: the sweep's figures and means."""
+def publish(s: Setup, kept: dict[str, Trained], summary: dict) -> None:
+    """The kept models' runs: counts, data sets, the model, a registered version (each point's run has its
+    numbers already). The parent: the sweep's figures and means."""
     task = s.task
     registered = getattr(s.p.mlflow, task.registered)
     datasets = tracking.dataset_inputs(s.data)
     example = to_float(s.splits["val"][0][:4])
-    for t in trained:
+    for strategy, t in kept.items():
         if t.run_id is None:
-            continue
-        point = {"target_test_acc": t.row["test_acc"], "best_val_acc": t.row["best_val_acc"],
-                 "epochs_run": t.row["epochs"], "train_time_s": t.row["train_time_s"]}
-        if kept.get(t.row["strategy"]) is not t:
-            tracking.log_metrics(t.run_id, point)
             continue
         size = t.model.input_size or s.data.image_size
         tracking.publish_training(t.run_id, tracking.Publication(
-            model=t.model, input_shape=(t.model.net_channels, size, size), summary=point, datasets=datasets,
+            model=t.model, input_shape=(t.model.net_channels, size, size), summary={}, datasets=datasets,
             example=example, register_as=registered, quiet=True,
-            version_tags={"task": task.name, "strategy": t.row["strategy"], "data_hash": s.data.data_hash}))
+            version_tags={"task": task.name, "strategy": strategy, "data_hash": s.data.data_hash}))
     if s.parent_id:
         for name in ("crossover.png", "predictions.png", "sweep.csv", "crossover.csv"):
             tracking.log_artifact(s.parent_id, task.transfer_plots / name, "sweep")

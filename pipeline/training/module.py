@@ -100,7 +100,9 @@ class ClassifierModule(pl.LightningModule):
     def configure_optimizers(self):
         r = self.recipe
         groups = self._param_groups()
-        opt = OPTIMIZERS[r.optimizer](groups, r)
+        # A fused step unscales gradients itself: Lightning's mixed precision cannot clip them before it.
+        fused = _fused(groups) and not r.gradient_clip_val
+        opt = OPTIMIZERS[r.optimizer](groups, r, fused)
         if r.scheduler == "none" and not r.warmup_epochs:
             return opt
         total = max(1, int(self.trainer.estimated_stepping_batches))
@@ -117,11 +119,10 @@ def _fused(groups: list[dict]) -> bool:
 
 
 OPTIMIZERS = {
-    "adam": lambda groups, r: torch.optim.Adam(groups, lr=r.lr, weight_decay=r.weight_decay, fused=_fused(groups)),
-    "adamw": lambda groups, r: torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay,
-                                                 fused=_fused(groups)),
-    "sgd": lambda groups, r: torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
-                                             nesterov=True, fused=_fused(groups)),
+    "adam": lambda groups, r, fused: torch.optim.Adam(groups, lr=r.lr, weight_decay=r.weight_decay, fused=fused),
+    "adamw": lambda groups, r, fused: torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay, fused=fused),
+    "sgd": lambda groups, r, fused: torch.optim.SGD(groups, lr=r.lr, momentum=r.momentum, weight_decay=r.weight_decay,
+                                                    nesterov=True, fused=fused),
 }
 
 

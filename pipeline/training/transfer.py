@@ -1,8 +1,9 @@
 """How transfer learning trains one sweep point: where the base's weights come from, and each strategy, by name.
 
 feature_extraction  base frozen; the head trains on the base's features, computed once per task (cached)
-fine_tuning         that head, then the whole network (or its last unfreeze_blocks), the base at
-                    lr * backbone_lr_factor, BatchNorm frozen
+fine_tuning         that head, then the whole network (or its last unfreeze_blocks: then the frozen blocks'
+                    output is computed once, like the features), the base at lr * backbone_lr_factor, BatchNorm
+                    frozen
 scratch             our own CNN (transfer.scratch_model) from scratch on the same images: the baseline to beat
 scratch_backbone    the same backbone from random weights: what pretraining adds to it
 
@@ -13,6 +14,7 @@ runs after it has published its outputs.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,20 +24,24 @@ import torch
 
 from pipeline import params as params_mod
 from pipeline import tasks, tracking
+from pipeline.data import augment as aug
 from pipeline.data.datamodule import ImageDataModule, TensorDataModule
 from pipeline.data.prepared import PreparedData, class_subset
 from pipeline.models import checkpoint
 from pipeline.models.cnn import CNN, Classifier, preset, spec_from_params
 from pipeline.models.transfer import (
     HeadOnly,
+    Suffix,
     TransferNet,
-    extract_features,
+    extract,
     freeze_base,
     freeze_batchnorm,
+    frozen_prefix,
     load_base_from_checkpoint,
     load_imagenet_base,
 )
 from pipeline.predict import accuracy, device_for, predict_proba
+from pipeline.rank import is_rank_zero
 from pipeline.training.fit import FitConfig, FitResult, fit, seed_all
 from pipeline.training.module import ClassifierModule
 
@@ -55,7 +61,9 @@ class Setup:
     base_state: dict | None
     augmentation: object
     parent_id: str | None = None
-    features: dict | None = None  # the frozen base's features of every target image, computed once
+    features: dict | None = None  # the frozen base's pooled features of every target image, computed once
+    activations: dict | None = None  # the frozen prefix's output, when fine_tuning trains only the base's end
+    prefix: int = 0  # how many of the base's blocks fine_tuning leaves frozen (cached when > 0)
     heads: dict = field(default_factory=dict)  # (N, seed) -> the trained feature-extraction head
 
     @property
@@ -93,10 +101,17 @@ class Trained:
     result: FitResult
 
 
-def epochs_for(steps: int, n_train: int, batch_size: int) -> int:
-    """Epochs that make `steps` optimizer steps (the loader drops a short last batch)."""
-    per_epoch = max(1, n_train // batch_size) if n_train > batch_size else 1
-    return max(1, math.ceil(steps / per_epoch))
+SWEEP_EPOCHS = 5  # a sweep training's epochs: each validated, the best one kept
+
+
+def schedule(steps: int, n_train: int, batch_size: int) -> tuple[int, int]:
+    """(epochs, passes over the data per epoch) that make at least `steps` optimizer steps in SWEEP_EPOCHS epochs
+    or fewer (the loader drops a short last batch). Few labelled images make a pass one or two steps: an epoch is
+    then several passes, so that a training is a few validated epochs, not hundreds of one-step ones."""
+    per_pass = max(1, n_train // batch_size) if n_train > batch_size else 1
+    total = max(1, math.ceil(steps / per_pass))
+    epochs = min(SWEEP_EPOCHS, total)
+    return epochs, math.ceil(total / epochs)
 
 
 # ------------------------------------------------------------------------------------- base weights
@@ -124,7 +139,7 @@ def _source_task(p, tp, data, arch, channels, augmentation):
     print(f"transfer_learn: pretraining {tp.backbone} on source classes {tp.source_classes}", flush=True)
     run = tracking.RunInfo(p.mlflow.experiment, f"transfer_learn/pretrain/{tp.backbone}",
                            tracking.run_tags("transfer_learn", tp.backbone, data.data_hash)
-                           | {"strategy": "pretrain_source"}, params_mod.flatten({"transfer": tp}))
+                           | {"strategy": "pretrain_source"}, params_mod.flatten({"seed": p.seed, "transfer": tp}))
     dm = ImageDataModule(class_subset(data, tp.source_classes), tp.batch_size, p.seed, augmentation,
                          batched=p.trainer.batched_augment, num_workers=p.trainer.num_workers)
     fit(ClassifierModule(model, tp), dm, FitConfig(p.trainer, tp.pretrain_epochs, monitor=tp.monitor,
@@ -147,17 +162,15 @@ def _run(s: Setup, pt: Point, strategy: str) -> tracking.RunInfo:
     tags = tracking.run_tags(s.task.stage("transfer_learn"), tp.backbone, s.data.data_hash) | {
         "task": s.task.name, "strategy": strategy, "target_per_class": str(pt.n), "sweep_seed": str(pt.seed),
         "weights": tp.weights}
-    logged = params_mod.flatten({"transfer": tp}) | {"task": s.task.name, "strategy": strategy, "n": pt.n,
-                                                     "sweep_seed": pt.seed}
+    logged = params_mod.flatten({"seed": s.p.seed, s.task.transfer: tp, "model": s.p.model, "trainer": s.p.trainer})
+    logged |= {"task": s.task.name, "strategy": strategy, "n": pt.n, "sweep_seed": pt.seed}
     return tracking.RunInfo(s.p.mlflow.experiment, f"{s.task.stage('transfer_learn')}/n{pt.n}/seed{pt.seed}/{strategy}",
                             tags, logged, parent_id=s.parent_id)
 
 
-def _config(s: Setup, pt: Point, steps: int) -> FitConfig:
+def _config(s: Setup, epochs: int) -> FitConfig:
     tp = s.tp
-    epochs = epochs_for(steps, len(pt.train), tp.batch_size)
-    return FitConfig(s.p.trainer, epochs, monitor=tp.monitor, gradient_clip_val=tp.gradient_clip_val,
-                     val_every=max(1, epochs // 5), quiet=True)
+    return FitConfig(s.p.trainer, epochs, monitor=tp.monitor, gradient_clip_val=tp.gradient_clip_val, quiet=True)
 
 
 def _transfer_arch(s: Setup) -> dict:
@@ -166,25 +179,40 @@ def _transfer_arch(s: Setup) -> dict:
                                     s.channels)
 
 
+def _rows(s: Setup, pt: Point) -> torch.Tensor:
+    """The cached training rows of a point: each of its images in every view (view-major, as cached)."""
+    n = len(s.splits["train"][1])
+    return torch.as_tensor(np.concatenate([v * n + pt.train for v in range(s.tp.cached_views)]))
+
+
+def _cached(s: Setup, pt: Point, cache: dict, steps: int) -> tuple[TensorDataModule, FitConfig]:
+    """The cached rows of a point as training data, and a config that makes `steps` steps on them."""
+    (_, y), (_, yv) = s.splits["train"], s.splits["val"]
+    rows = _rows(s, pt)
+    epochs, passes = schedule(steps, len(rows), s.tp.batch_size)
+    data = TensorDataModule((cache["train"][rows], torch.as_tensor(np.tile(y[pt.train], s.tp.cached_views))),
+                            (cache["val"][pt.val], torch.as_tensor(yv[pt.val])), s.tp.batch_size, s.p.seed + pt.seed,
+                            passes)
+    return data, _config(s, epochs)
+
+
 def feature_extraction(s: Setup, pt: Point) -> tuple[FitResult, Classifier, dict, np.ndarray]:
     """Frozen base; the head trains on the cached features for head_steps. Its head also starts fine_tuning."""
     tp = s.tp
     model = s.new_model(with_base=True)
     freeze_base(model.net, 0)
-    f, (_, y), (_, yv) = s.features, s.splits["train"], s.splits["val"]
-    dm = TensorDataModule((f["train"][pt.train], torch.as_tensor(y[pt.train])),
-                          (f["val"][pt.val], torch.as_tensor(yv[pt.val])), tp.batch_size, s.p.seed + pt.seed)
-    result = fit(ClassifierModule(HeadOnly(model.net.head), tp), dm, _config(s, pt, tp.head_steps),
-                 _run(s, pt, "feature_extraction"))
+    data, config = _cached(s, pt, s.features, tp.head_steps)
+    result = fit(ClassifierModule(HeadOnly(model.net.head), tp), data, config)
     model.cpu()
     s.heads[(pt.n, pt.seed)] = {k: v.clone() for k, v in model.net.head.state_dict().items()}
-    test_pred = model.net.head.eval()(s.features["test"].cpu()).argmax(1).numpy()
+    test_pred = model.net.head.eval()(s.features["test"]).argmax(1).numpy()
     return result, model, _transfer_arch(s), test_pred
 
 
 def fine_tuning(s: Setup, pt: Point) -> tuple[FitResult, Classifier, dict, np.ndarray]:
     """Chollet's recipe: the feature-extraction head first, then the whole network (the last unfreeze_blocks
-    of the base) for `steps` at lr, the base at lr * backbone_lr_factor, its BatchNorm layers frozen."""
+    of the base) for `steps` at lr, the base at lr * backbone_lr_factor, its BatchNorm layers frozen. When the
+    base's first blocks stay frozen, their output is the cached one and only the rest runs."""
     tp = s.tp
     if (pt.n, pt.seed) not in s.heads:
         feature_extraction(s, pt)
@@ -192,8 +220,16 @@ def fine_tuning(s: Setup, pt: Point) -> tuple[FitResult, Classifier, dict, np.nd
     model.net.head.load_state_dict(s.heads[(pt.n, pt.seed)])
     freeze_base(model.net, tp.unfreeze_blocks)
     freeze_batchnorm(model.net.base)
-    module = ClassifierModule(model, tp, base_lr_factor=tp.backbone_lr_factor)
-    return _train_images(s, pt, "fine_tuning", module, tp.steps, _transfer_arch(s))
+    if not s.prefix:
+        module = ClassifierModule(model, tp, base_lr_factor=tp.backbone_lr_factor)
+        return _train_images(s, pt, "fine_tuning", module, tp.steps, _transfer_arch(s))
+    end = Suffix(model.net, s.prefix)
+    data, config = _cached(s, pt, s.activations, tp.steps)
+    result = fit(ClassifierModule(end, tp, base_lr_factor=tp.backbone_lr_factor, base="suffix"), data, config)
+    end.cpu().eval()
+    with torch.no_grad():
+        test_pred = torch.cat([end(z).argmax(1) for z in s.activations["test"].split(64)]).numpy()
+    return result, model.cpu(), _transfer_arch(s), test_pred
 
 
 def scratch(s: Setup, pt: Point) -> tuple[FitResult, Classifier, dict, np.ndarray]:
@@ -206,7 +242,8 @@ def scratch(s: Setup, pt: Point) -> tuple[FitResult, Classifier, dict, np.ndarra
     net = CNN(spec, s.data.channels, size, len(s.classes))
     model = Classifier(net, s.data.mean, s.data.std, s.data.channels, size if size != s.data.image_size else None)
     return _train_images(s, pt, "scratch", ClassifierModule(model, tp), tp.cnn_steps,
-                         checkpoint.cnn_arch(spec, s.data.channels, size, len(s.classes)))
+                         checkpoint.cnn_arch(spec, s.data.channels, size, len(s.classes)),
+                         size if size != s.data.image_size else None)
 
 
 def scratch_backbone(s: Setup, pt: Point) -> tuple[FitResult, Classifier, dict, np.ndarray]:
@@ -215,13 +252,16 @@ def scratch_backbone(s: Setup, pt: Point) -> tuple[FitResult, Classifier, dict, 
                          s.tp.steps, _transfer_arch(s))
 
 
-def _train_images(s: Setup, pt: Point, strategy: str, module: ClassifierModule, steps: int,
-                  arch: dict) -> tuple[FitResult, Classifier, dict, np.ndarray]:
+def _train_images(s: Setup, pt: Point, strategy: str, module: ClassifierModule, steps: int, arch: dict,
+                  image_size: int | None = None) -> tuple[FitResult, Classifier, dict, np.ndarray]:
+    """A training on the point's images, augmented online; `image_size`: the data module resizes them first
+    (our small CNN on photos learns at 64 px: augmenting there is cheaper than at 224 px)."""
     (x, y), (xv, yv) = s.splits["train"], s.splits["val"]
+    epochs, passes = schedule(steps, len(pt.train), s.tp.batch_size)
     dm = ImageDataModule({"train": (x[pt.train], y[pt.train]), "val": (xv[pt.val], yv[pt.val])}, s.tp.batch_size,
-                         s.p.seed + pt.seed, s.augmentation, batched=s.p.trainer.batched_augment,
-                         num_workers=s.p.trainer.num_workers)
-    result = fit(module, dm, _config(s, pt, steps), _run(s, pt, strategy))
+                         s.p.seed + pt.seed, s.augmentation, image_size, s.p.trainer.batched_augment,
+                         s.p.trainer.num_workers, passes)
+    result = fit(module, dm, _config(s, epochs))
     model = module.model
     test_pred = predict_proba(model, s.splits["test"][0], s.data.image_size,
                               device=device_for(s.p.trainer.accelerator)).argmax(1)
@@ -233,22 +273,58 @@ STRATEGIES = {"feature_extraction": feature_extraction, "fine_tuning": fine_tuni
 
 
 def cache_features(s: Setup) -> None:
-    """The frozen base's features of every target image, once per task: what the heads train and test on."""
-    frozen, device = s.new_model(with_base=True), device_for(s.p.trainer.accelerator)
-    s.features = {k: extract_features(frozen, v[0], device=device, channels_last=s.p.trainer.channels_last)
-                  for k, v in s.splits.items()}
+    """What the frozen base computes, once per task: its pooled features of every target image (what the
+    feature-extraction heads train and test on) and, when fine_tuning keeps the base's first blocks frozen, those
+    blocks' output. Training images come in `cached_views` views: the stored image, then augmented copies."""
+    tp, device = s.tp, device_for(s.p.trainer.accelerator)
+    frozen = s.new_model(with_base=True)
+    if "fine_tuning" in tp.strategies and tp.unfreeze_blocks != "all":
+        probe = s.new_model(with_base=False)
+        freeze_base(probe.net, tp.unfreeze_blocks)
+        freeze_batchnorm(probe.net.base)
+        s.prefix = frozen_prefix(probe.net)
+    x = dict(s.splits)
+    images = {"train": views(x["train"][0], s.augmentation, tp.cached_views, s.p.seed), "val": x["val"][0],
+              "test": x["test"][0]}
+    channels_last = s.p.trainer.channels_last
+    if not s.prefix:
+        s.features = {k: extract(frozen, v, device=device, channels_last=channels_last) for k, v in images.items()}
+        return
+    s.activations = {k: extract(frozen, v, s.prefix, device=device, channels_last=channels_last)
+                     for k, v in images.items()}
+    rest = Suffix(frozen.net, s.prefix).eval()
+    with torch.no_grad():  # the rest of the frozen base, pooled: the features, from the cached activations
+        s.features = {k: torch.cat([rest.pool(rest.suffix(z)) for z in v.split(64)]) for k, v in
+                      s.activations.items()}
+
+
+def views(images: np.ndarray, augmentation, count: int, seed: int) -> np.ndarray:
+    """`count` views of uint8 images, view-major: the images themselves, then augmented copies."""
+    if count == 1 or augmentation is None or not len(augmentation.transforms):
+        return np.concatenate([images] * count) if count > 1 else images
+    augmentation.set_random_seed(seed)
+    copies = [np.stack([aug.apply(augmentation, img) for img in images]) for _ in range(count - 1)]
+    return np.concatenate([images, *copies])
 
 
 def train_one(s: Setup, strategy: str, pt: Point) -> Trained:
-    """One (N, seed, strategy) training and its test accuracy on the full test split of the target classes."""
+    """One (N, seed, strategy) training, its test accuracy on the full test split of the target classes, and its
+    MLflow run (recorded when it is done: a sweep's trainings are many and short; a kept model is added to its run
+    after the stage's outputs are written)."""
     seed_all(s.p.seed + pt.seed)
     result, model, arch, test_pred = STRATEGIES[strategy](s, pt)
     test_acc = accuracy(test_pred, s.splits["test"][1])
     print(f"{s.task.stage('transfer_learn')}: n={pt.n} seed={pt.seed} {strategy}: test acc {test_acc:.4f} "
           f"({result.train_time_s:.1f}s)", flush=True)
     row = {"target_per_class": pt.n, "seed": pt.seed, "strategy": strategy, "test_acc": round(test_acc, 6),
+           "images": hashlib.sha256(pt.train.tobytes()).hexdigest()[:12],  # which images this point trained on
            "best_val_acc": round(result.best_val_acc, 6), "train_time_s": round(result.train_time_s, 2),
            "epochs": result.epochs_run, "params_trainable": sum(p.numel() for p in model.parameters()
-                                                                if p.requires_grad),
-           "mlflow_run_id": result.run_id}
-    return Trained(row, model, arch, result.run_id, result)
+                                                                if p.requires_grad)}
+    run_id = None
+    if is_rank_zero():
+        run_id = tracking.record_run(_run(s, pt, strategy), result.rows, {
+            "target_test_acc": test_acc, "best_val_acc": result.best_val_acc, "epochs_run": result.epochs_run,
+            "train_time_s": result.train_time_s})
+    row["mlflow_run_id"] = run_id
+    return Trained(row, model, arch, run_id, result)

@@ -163,7 +163,7 @@ class TransferParams(RecipeParams):
         "scratch",
     ]
     target_per_class: list[Annotated[int, Field(ge=1)]] = [10, 30, 100]
-    seeds: Annotated[int, Field(ge=2, le=100)] = 3  # at least 2: a spread
+    seeds: Annotated[int, Field(ge=2, le=100)] = 5  # at least 2: a spread
     target_classes: list[int] | None = None  # None: every class (with source_task: those not in source_classes)
     source_classes: list[int] = [0, 1, 2, 3, 4]
     pretrain_epochs: Annotated[int, Field(ge=1)] = 10
@@ -175,9 +175,9 @@ class TransferParams(RecipeParams):
     # Views of each training image whose frozen-base output is computed once, for feature_extraction (and for
     # fine_tuning when only its last unfreeze_blocks train): 1, the stored images; more, the stored image and
     # augmented copies (the task's augmentation pipeline).
-    cached_views: Annotated[int, Field(ge=1, le=32)] = 1
+    cached_views: Annotated[int, Field(ge=1, le=32)] = 2
     backbone_lr_factor: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
-    unfreeze_blocks: Annotated[int, Field(ge=1)] | Literal["all"] = "all"
+    unfreeze_blocks: Annotated[int, Field(ge=1)] | Literal["all"] = 3
 
     @field_validator("weights")
     @classmethod
@@ -229,7 +229,7 @@ class CompareParams(RecipeParams):
     ]
     trained: list[str] = ["lenet5", "seed_mnist", "resnet18", "mobilenet_v2"]
     image_size: Annotated[int, Field(ge=16, le=512)] = 32
-    epochs: Annotated[int, Field(ge=1)] = 5
+    epochs: Annotated[int, Field(ge=1)] = 3
     batch_size: Annotated[int, Field(ge=1)] = 64
     latency_runs: Annotated[int, Field(ge=3)] = 20
 
@@ -238,6 +238,7 @@ class CompareParams(RecipeParams):
 class ExplainParams(Section):
     images: Annotated[int, Field(ge=1, le=8)] = 3
     max_maps: Annotated[int, Field(ge=1, le=64)] = 16
+    gradcam_images: Annotated[int, Field(ge=1, le=16)] = 6  # right and wrong test images per model
 
 
 # ------------------------------------------------------------------------------------------- claims
@@ -440,7 +441,7 @@ PHOTOS = DataParams(source="food_photos", raw_dir="data/raw/food_photos", image_
 AUGMENT_PHOTOS = AugmentParams(rotation_range=10, zoom_range=0.15, horizontal_flip=True, coarse_dropout=CoarseDropoutParams(p=0.0))
 TRANSFER_PHOTOS = TransferParams(image_size=224, scratch_model="small_cnn", scratch_image_size=64,
                                  target_per_class=[5, 10, 20, 30], seeds=5, steps=30, head_steps=200, cnn_steps=200,
-                                 val_per_class=5, batch_size=16, cached_views=4, unfreeze_blocks=3)
+                                 val_per_class=5, batch_size=16, cached_views=3)
 
 
 class Params(Section):

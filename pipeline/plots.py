@@ -223,3 +223,27 @@ def claim_curves(arms: dict[str, list[tuple[list, list]]], xlabel: str, ylabel: 
     ax.legend(fontsize=8)
     ax.set_title(title, fontsize=8, wrap=True)
     return save_figure(fig, path)
+
+
+def gradcam_grid(rows: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[str]]], path: Path,
+                 title: str) -> Path:
+    """A row per group (right, wrong): each image with its Grad-CAM map over it (red: where the class's
+    evidence is), its caption below."""
+    cols = max(1, max(len(images) for images, _, _ in rows.values()))
+    fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 1.6, len(rows) * 1.8 + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for r, (label, (images, maps, captions)) in enumerate(rows.items()):
+        for c, (image, heat, caption) in enumerate(zip(images, maps, captions, strict=True)):
+            ax = axes[r, c]
+            ax.axis("on")
+            _show(ax, image)
+            ax.imshow(heat, cmap="jet", alpha=0.45, interpolation="bilinear",
+                      extent=(-0.5, image.shape[1] - 0.5, image.shape[0] - 0.5, -0.5))
+            ax.set_xlabel(caption, fontsize=6)
+        axes[r, 0].set_ylabel(label, fontsize=8)
+        axes[r, 0].axis("on")
+        axes[r, 0].set_xticks([])
+        axes[r, 0].set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    return save_figure(fig, path)

@@ -324,6 +324,14 @@ def version_exists(name: str, version: str) -> bool:
     return _exists(lambda: client().get_model_version(name, version))
 
 
+def describe(run_id: str, registered: str | None, version: str | None, text: str) -> None:
+    """A Markdown description, rendered in the MLflow UI: the run's note and, when given, the version's."""
+    c = client()
+    c.set_tag(run_id, "mlflow.note.content", text)
+    if registered and version:
+        c.update_model_version(registered, version, description=text)
+
+
 def champion_version(name: str) -> str | None:
     """The version the alias `champion` points at, or None (no champion yet, or no such model)."""
     from mlflow.exceptions import MlflowException

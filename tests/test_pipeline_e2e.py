@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import make_repo_copy
 
 STAGES = ["prepare", "prepare_photos", "augment", "augment_photos", "train_scratch", "transfer_learn",
-          "transfer_photos", "evaluate", "compare", "explain"]
+          "transfer_photos", "evaluate", "compare", "explain", "claims", "claims_report"]
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -54,7 +54,7 @@ def test_repro_runs_every_stage_offline(repro):
         assert (repo / path).exists(), path
     evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
     assert set(evaluate) == {"seed_mnist", "transfer_feature_extraction", "transfer_fine_tuning", "transfer_scratch",
-                             "photos_feature_extraction", "photos_fine_tuning", "photos_scratch"}
+                             "photos_feature_extraction", "photos_fine_tuning", "photos_scratch", "onnx"}
     data = json.loads((repo / "metrics/data.json").read_text())
     assert data["source"] == "embedded" and data["total"] == {"train": 140, "val": 30, "test": 30}
     assert evaluate["seed_mnist"]["test_images"] == 30
@@ -152,7 +152,10 @@ def test_dvc_plots_show_renders_every_declared_plot(repro, tmp_path):
     html = (tmp_path / "plots" / "index.html").read_text()
     declared = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
     titles = [next(iter(p)) for p in declared if isinstance(p, dict)]
-    images = [p for p in declared if isinstance(p, str)]
+    images = [p for p in declared if isinstance(p, str) and not (repo / p).is_dir()]
+    images += [f.relative_to(repo).as_posix() for p in declared if isinstance(p, str) and (repo / p).is_dir()
+               for f in sorted((repo / p).glob("*.png"))]  # a folder of figures: each of them
+    assert any(i.startswith("plots/claims/") for i in images)
     for title in titles:  # the vega plots: curves, confusion matrix, crossover
         assert title in html, title
     for image in images:  # the figures, copied next to the page
@@ -351,3 +354,40 @@ def test_every_params_key_a_training_reads_is_in_its_runs_params(repro):
             assert keys <= logged, (stage, run.info.run_name, sorted(keys - logged)[:5])
             checked += 1
     assert checked >= 20
+
+
+@pytest.mark.slow
+def test_models_ship_with_cards_onnx_int8_and_gradcam(repro):
+    """evaluate: every model's card (its own figures) as its registered version's description; each champion
+    as ONNX giving PyTorch's predictions in onnxruntime, logged beside the model; the seed CNN in int8 beside
+    fp32. explain: Grad-CAM of every model. claims: the report's rows."""
+    from mlflow import MlflowClient
+
+    repo, _ = repro
+    evaluate = json.loads((repo / "metrics/evaluate.json").read_text())
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for name, result in evaluate.items():
+        if name == "onnx":
+            continue
+        text = (repo / f"reports/evaluate/{name}/model_card.md").read_text()
+        assert f"| accuracy | {result['accuracy']:.4f} |" in text and "## How to get started" in text
+        version = client.search_model_versions(f"run_id = '{result['mlflow_run_id']}'")[0]
+        assert version.description == text  # what the MLflow UI shows on the version's page
+        assert client.get_run(result["mlflow_run_id"]).data.tags["mlflow.note.content"] == text
+        assert (repo / f"plots/explain/gradcam_{name}.png").stat().st_size > 5000
+    onnx = evaluate["onnx"]
+    assert {r["registered_model"] for r in onnx.values()} == {"cnn-pipeline-scratch", "cnn-pipeline-transfer",
+                                                             "cnn-pipeline-transfer-photos"}
+    for name, r in onnx.items():
+        assert r["accuracy_onnx"] == r["accuracy_torch"] == pytest.approx(evaluate[name]["accuracy"], abs=1e-6)
+        assert r["max_abs_logit_diff"] < 1e-3 and (repo / f"models/onnx/{r['registered_model']}.onnx").exists()
+        run = evaluate[name]["mlflow_run_id"]
+        assert "onnx/" + f"{r['registered_model']}.onnx" in {a.path for a in client.list_artifacts(run, "onnx")}
+    seed = evaluate["seed_mnist"]
+    assert seed["int8_weights_mb"] < 0.35 * seed["fp32_weights_mb"]
+    assert abs(seed["int8_accuracy"] - seed["accuracy"]) <= 0.1 and seed["int8_agreement"] >= 0.8
+    report = (repo / "reports/claims.md").read_text()
+    claims = json.loads((repo / "metrics/claims.json").read_text())
+    rows = [line for line in report.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    assert len(rows) == len([c for c in claims if not c.startswith("_")]) + 2  # + transfer, both tasks
+    assert "Transfer learning pays off with small data (§7), photos" in report

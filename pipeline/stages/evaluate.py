@@ -17,17 +17,20 @@ import torch
 
 from pipeline import params as params_mod
 from pipeline import plots, tasks, tracking
-from pipeline.atomic import atomic_set, write_csv, write_json
+from pipeline.atomic import atomic_set, write_csv, write_json, write_text
 from pipeline.champion import crown
 from pipeline.data.prepared import PreparedData, remap_labels
+from pipeline.deploy import export_onnx, onnx_latency_ms, onnx_logits, onnx_session, quantize_int8, state_mb
 from pipeline.errors import PipelineError, stage_main
 from pipeline.evaluation import classification_report, latency_ms, peak_memory_mb, throughput
+from pipeline.fundamentals.summary import param_counts
 from pipeline.models import checkpoint, loading
 from pipeline.models.cnn import Classifier
 from pipeline.outputs import check_writable
-from pipeline.predict import device_for, predict_proba
+from pipeline.predict import accuracy, device_for, predict_proba, to_float
 
 REPORT_DIR = Path("reports/evaluate")
+ONNX_DIR = Path("models/onnx")
 PREDICTIONS_DIR = Path("plots/evaluate/predictions")
 # Where each stage's model files are, and the task of the models in a folder.
 MODEL_FOLDERS = {Path("models/scratch"): ("train_scratch", "digits"),
@@ -76,11 +79,25 @@ def measure(path: Path, model: Classifier, meta: checkpoint.ModelMeta, data: Pre
     speed["throughput_images_per_s"] = throughput(model, shape, e.batch_size, device)
     speed["peak_memory_mb"] = peak_memory_mb(model, shape, e.batch_size, device)
     speed["model_file_mb"] = path.stat().st_size / 2**20
+    speed["params_total"] = param_counts(model.net)["total"]
+    if meta.stage == "train_scratch":  # the seed CNN, lighter: int8 dense layers beside fp32
+        speed |= int8_figures(model, x_test, y_test, probs, meta.image_size, shape, e)
     result = {k: round(v, 6) if isinstance(v, float) else v for k, v in (report | speed).items()
               if k not in ("confusion", "per_class")}
     result |= {"task": meta.task, "device": device.type, "test_images": int(len(y_test)),
                "mlflow_run_id": meta.mlflow_run_id}
     return Measured(path, model, meta, result, report, probs, x_test, y_test)
+
+
+def int8_figures(model: Classifier, x: np.ndarray, y: np.ndarray, probs: np.ndarray, size: int, shape, e) -> dict:
+    """The model with int8 dense layers on the same test images: accuracy, agreement with fp32, size, latency."""
+    quantized = quantize_int8(model)
+    q_probs = predict_proba(quantized, x, size, e.batch_size, torch.device("cpu"))
+    latency = latency_ms(quantized, shape, e.latency_runs, e.warmup_runs, torch.device("cpu"))["latency_ms_p50"]
+    return {"int8_accuracy": accuracy(q_probs, y), "int8_agreement": float((q_probs.argmax(1) == probs.argmax(1)).mean()),
+            "fp32_weights_mb": state_mb(model), "int8_weights_mb": state_mb(quantized),
+            "int8_latency_ms_p50": latency, "fp32_cpu_latency_ms_p50": latency_ms(
+                model.cpu(), shape, e.latency_runs, e.warmup_runs, torch.device("cpu"))["latency_ms_p50"]}
 
 
 def write_reports(name: str, m: Measured, worst: int, stage) -> list[Path]:
@@ -122,12 +139,88 @@ def run(p: params_mod.Params) -> dict:
     for name, m in measured.items():
         r = m.result
         print(f"evaluate: {name}: test acc {r['accuracy']:.4f}, f1_macro {r['f1_macro']:.4f}, "
-              f"ece {r['ece']:.4f}, latency p50 {r['latency_ms_p50']:.2f} ms ({r['device']})", flush=True)
+              f"ece {r['ece']:.4f}, latency p50 {r['latency_ms_p50']:.2f} ms ({r['device']})"
+              + (f"; int8: test acc {r['int8_accuracy']:.4f}, weights {r['int8_weights_mb']:.2f} MB (fp32 "
+                 f"{r['fp32_weights_mb']:.2f}), {r['int8_latency_ms_p50']:.2f} ms" if "int8_accuracy" in r else ""),
+              flush=True)
         if r["mlflow_run_id"]:
             files = [REPORT_DIR / name / f.name for f in staged[name]]
             log_to_run(run_for(p, name, r["mlflow_run_id"], data[m.meta.task].data_hash), r, files)
         champion(m, data[m.meta.task].data_hash, device)
+    exported = export_champions(measured, p.evaluate)
+    if exported:
+        results["onnx"] = exported
+        write_json("metrics/evaluate.json", results)
+    write_cards(measured)
     return results
+
+
+def export_champions(measured: dict[str, Measured], e) -> dict:
+    """Each registered model's champion, when it is one of these models, as ONNX (models/onnx/<name>.onnx),
+    checked against PyTorch on its test split with onnxruntime, timed beside it, and logged to its run beside
+    the PyTorch model. A model that cannot be exported is one line; the stage goes on."""
+    from pipeline.atomic import atomic_dir
+
+    out, figures = {}, {}
+    with atomic_dir(ONNX_DIR) as folder:
+        for name, m in measured.items():
+            registered, run_id = m.meta.registered_model, m.meta.mlflow_run_id
+            version = tracking.version_of_run(registered, run_id) if registered and run_id else None
+            if version is None or tracking.champion_version(registered) != version:
+                continue
+            path = folder / f"{registered}.onnx"
+            shape = (m.x.shape[-1], m.meta.image_size, m.meta.image_size)
+            try:
+                export_onnx(m.model, shape, path)
+                session = onnx_session(path)
+                logits = onnx_logits(session, m.x, m.meta.image_size, e.batch_size)
+            except Exception as exc:  # an exporter or runtime that cannot take this model: one line
+                reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+                print(f"evaluate: {registered} v{version} ({name}) not exported to ONNX: {reason.splitlines()[0][:200]}",
+                      flush=True)
+                path.unlink(missing_ok=True)
+                continue
+            with torch.no_grad():
+                torch_logits = torch.cat([m.model(to_float(m.x[i : i + 64], m.meta.image_size))
+                                          for i in range(0, len(m.x), 64)]).numpy()
+            figures[name] = {
+                "registered_model": registered, "version": version, "file_mb": round(path.stat().st_size / 2**20, 3),
+                "accuracy_torch": accuracy(torch_logits, m.y), "accuracy_onnx": accuracy(logits, m.y),
+                "max_abs_logit_diff": float(np.abs(logits - torch_logits).max()),
+                "latency_ms_p50_onnxruntime": onnx_latency_ms(session, shape, e.latency_runs, e.warmup_runs),
+                "latency_ms_p50_torch": latency_ms(m.model.cpu(), shape, e.latency_runs, e.warmup_runs,
+                                                   torch.device("cpu"))["latency_ms_p50"]}
+            out[name] = path.name
+    for name, f in figures.items():
+        print(f"evaluate: {f['registered_model']} v{f['version']} ({name}) as ONNX: test acc {f['accuracy_onnx']:.4f} "
+              f"(PyTorch {f['accuracy_torch']:.4f}), logits within {f['max_abs_logit_diff']:.1e}, latency "
+              f"{f['latency_ms_p50_onnxruntime']:.2f} ms in onnxruntime vs {f['latency_ms_p50_torch']:.2f} ms", flush=True)
+        tracking.log_artifact(measured[name].meta.mlflow_run_id, ONNX_DIR / out[name], "onnx")
+    return figures
+
+
+def write_cards(measured: dict[str, Measured]) -> None:
+    """Each model's card: beside its reports, as its registered version's description and its run's note."""
+    import json
+
+    from pipeline.model_card import card
+
+    for name, m in measured.items():
+        task = tasks.TASKS[m.meta.task]
+        data = json.loads(task.data_metrics.read_text()) if task.data_metrics.exists() else {}
+        spread = None
+        if m.meta.stage == "transfer_learn" and task.transfer_metrics.exists():
+            summary = json.loads(task.transfer_metrics.read_text())["summary"]
+            spread = summary.get(str(m.meta.target_per_class), {}).get(m.meta.strategy)
+        run_id, registered = m.meta.mlflow_run_id, m.meta.registered_model
+        present = bool(run_id) and tracking.run_exists(run_id)
+        params = tracking.client().get_run(run_id).data.params if present else {}
+        version = tracking.version_of_run(registered, run_id) if present and registered else None
+        text = card(m.meta, m.result, data, params, spread, version, registered)
+        write_text(REPORT_DIR / name / "model_card.md", text)
+        if present:
+            tracking.describe(run_id, registered, version, text)
+            tracking.log_artifact(run_id, REPORT_DIR / name / "model_card.md", "evaluate")
 
 
 def champion(m: Measured, data_hash: str, device: torch.device) -> None:

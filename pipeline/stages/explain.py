@@ -2,7 +2,9 @@
 
 Classic filters (edges, blur, sharpen, Sobel) on a test digit and on scikit-learn's sample photographs;
 max/average pooling before and after with sizes; the model's learned first-layer filters; the feature maps of
-every conv block for a few test images (edges -> patterns -> objects); the model's parameter table.
+every conv block for a few test images (edges -> patterns -> objects); the model's parameter table; and Grad-CAM
+(where a model looks) of the scratch CNN and of every kept transfer model of both tasks, on the test images each
+gets right and wrong with the most confidence.
 Reads params: explain (and models/scratch, data/prepared). Writes plots/explain/; logs everything to the
 scratch model's MLflow run.
 """
@@ -16,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline import params as params_mod
-from pipeline import plots, tracking
+from pipeline import plots, tasks, tracking
 from pipeline.atomic import atomic_dir, write_csv
 from pipeline.data.prepared import PreparedData
 from pipeline.errors import stage_main
@@ -89,14 +91,42 @@ def block_outputs(model, image: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return outputs
 
 
+def gradcam_figure(model, meta, data: PreparedData, count: int, path: Path) -> Path:
+    """Grad-CAM of the predicted class on the test images the model gets right with the most confidence, and on
+    the ones it gets wrong with the most confidence."""
+    from pipeline.data.prepared import remap_labels
+    from pipeline.gradcam import heatmaps
+    from pipeline.predict import predict_proba
+
+    mask = np.isin(data.y["test"], meta.class_ids)
+    x, y = data.x["test"][mask], remap_labels(data.y["test"][mask], meta.class_ids)
+    probs = predict_proba(model, x, meta.image_size)
+    pred, confidence = probs.argmax(1), probs.max(1)
+    rows = {}
+    for label, chosen in (("right", np.flatnonzero(pred == y)), ("wrong", np.flatnonzero(pred != y))):
+        chosen = chosen[np.argsort(-confidence[chosen])][:count]
+        if not len(chosen):
+            continue
+        maps = heatmaps(model, x[chosen], pred[chosen])
+        names = meta.class_names
+        rows[label] = ([x[i] for i in chosen], list(maps),
+                       [f"{names[pred[i]]} {confidence[i]:.2f}" + ("" if pred[i] == y[i] else f" (is {names[y[i]]})")
+                        for i in chosen])
+    return plots.gradcam_grid(rows, path, f"{meta.label}: Grad-CAM of the predicted class (red: its evidence), "
+                                          "most confident right and wrong test images")
+
+
 def run(p: params_mod.Params) -> list[Path]:
-    """Figures of the fundamentals on the trained scratch model; logged to its MLflow run."""
+    """Figures of the fundamentals on the trained scratch model, and Grad-CAM maps of every trained model; each
+    logged to its model's MLflow run."""
     e = p.explain
     data = PreparedData.load()
     model, meta, _ = loading.load(MODEL)
     figures = []
     rng = np.random.default_rng(p.seed)
     picks = rng.choice(len(data.x["test"]), size=min(e.images, len(data.x["test"])), replace=False)
+    others = [f for t in tasks.TASKS.values() for f in sorted(t.models.glob("*.pt"))]
+    gradcams: dict[Path, str | None] = {}
 
     with atomic_dir(OUT) as out:  # all figures or none: the folder is replaced as a whole
         figures.append(classic_filter_figure([data.x["test"][picks[0]], *sample_photos()], out / "classic_filters.png"))
@@ -113,16 +143,27 @@ def run(p: params_mod.Params) -> list[Path]:
         size = meta.image_size
         rows = table_rows(layer_table(model.net, (data.channels, size, size)))
         write_csv(out / "layers.csv", rows)
+        task_data = {"digits": data}
+        for path in [MODEL, *others]:
+            m, m_meta, _ = (model, meta, None) if path == MODEL else loading.load(path)
+            if m_meta.task not in task_data:
+                task_data[m_meta.task] = PreparedData.load(tasks.TASKS[m_meta.task].prepared)
+            fig = gradcam_figure(m, m_meta, task_data[m_meta.task], e.gradcam_images, out / f"gradcam_{m_meta.label}.png")
+            gradcams[OUT / fig.name] = m_meta.mlflow_run_id
     figures = [OUT / f.name for f in figures]
 
     run_id = meta.mlflow_run_id
-    if run_id:
+    if run_id or any(gradcams.values()):
         tracking.check_store()
+    if run_id:
         for fig in [*figures, OUT / "layers.csv"]:
             tracking.log_artifact(run_id, fig, "explain")
-    print(f"explain: wrote {len(figures)} figures to {OUT}/"
-          + (f" and logged them to MLflow run {run_id}" if run_id else ""), flush=True)
-    return figures
+    for fig, owner in gradcams.items():
+        if owner and tracking.run_exists(owner):
+            tracking.log_artifact(owner, fig, "explain")
+    print(f"explain: wrote {len(figures) + len(gradcams)} figures to {OUT}/ (Grad-CAM of {len(gradcams)} models)"
+          + ("; logged them to the models' MLflow runs" if run_id else ""), flush=True)
+    return [*figures, *gradcams]
 
 
 @stage_main

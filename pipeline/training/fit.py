@@ -165,16 +165,22 @@ def cpu_has_bf16() -> bool:
     return any(check is not None and check() for check in checks)
 
 
-def resolve_precision(precision: str, accelerator: str) -> str:
+def has_depthwise(model: torch.nn.Module | None) -> bool:
+    """Whether a model has grouped (depthwise) convolutions: MobileNet's, EfficientNet's."""
+    return model is not None and any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in model.modules())
+
+
+def resolve_precision(precision: str, accelerator: str, model: torch.nn.Module | None = None) -> str:
     """`auto`: bf16 mixed on GPUs that support it, fp16 mixed on older GPUs; on the CPU bf16 mixed where it has
-    native bf16 (2.5x the fp32 step of the seed CNN on this project's 2-core Xeon; accuracy measured the same,
-    benchmarks/README.md), 32-bit elsewhere."""
+    native bf16, for models without depthwise convolutions (the seed CNN's step: 2x faster, accuracy measured the
+    same; MobileNetV2's: 282 against 191 ms in fp32, so such models stay fp32; benchmarks/README.md), 32-bit
+    elsewhere."""
     if precision != "auto":
         return precision
     on_gpu = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     if on_gpu:
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    return "bf16-mixed" if cpu_has_bf16() else "32-true"
+    return "bf16-mixed" if cpu_has_bf16() and not has_depthwise(model) else "32-true"
 
 
 def interactive() -> bool:
@@ -182,8 +188,8 @@ def interactive() -> bool:
     return sys.stdout.isatty() and not os.environ.get("CI")
 
 
-def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None,
-                  save_last: bool = True) -> tuple[pl.Trainer, EpochRecorder]:
+def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None, save_last: bool = True,
+                  model: torch.nn.Module | None = None) -> tuple[pl.Trainer, EpochRecorder]:
     """A Trainer for a FitConfig, and the epoch recorder whose rows fit returns. `save_last`: the last epoch's
     checkpoint too (to resume from, or for the caller), not only the best one."""
     tp = config.trainer
@@ -199,7 +205,10 @@ def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None,
     mode = MONITOR_MODES[config.monitor]
     callbacks = [recorder, StopOnNonFinite(), *config.callbacks,
                  ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=config.monitor, mode=mode,
-                                 save_top_k=1, save_last=save_last, enable_version_counter=False)]
+                                 save_top_k=1, enable_version_counter=False)]
+    if save_last:  # every epoch's end (ModelCheckpoint's own save_last writes only when a new best is saved)
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                                         enable_version_counter=False))
     if config.patience:
         callbacks.append(EarlyStopping(monitor=config.monitor, mode=mode, patience=config.patience))
     if show_bar:
@@ -208,7 +217,7 @@ def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None,
     limit = int(limit) if limit > 1 else (None if limit == 1.0 else limit)
     trainer = pl.Trainer(
         accelerator=tp.accelerator, devices=tp.devices, num_nodes=tp.num_nodes, strategy=tp.strategy,
-        precision=resolve_precision(tp.precision, tp.accelerator), deterministic=tp.deterministic,
+        precision=resolve_precision(tp.precision, tp.accelerator, model), deterministic=tp.deterministic,
         max_epochs=config.epochs, logger=logger if logger is not None else False, callbacks=callbacks,
         enable_progress_bar=show_bar, enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=config.gradient_clip_val or None, limit_train_batches=limit, log_every_n_steps=1,
@@ -281,9 +290,10 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: 
     run_id = logger.run_id if logger is not None and is_rank_zero() else None
     if run_id and config.resume_key:
         (resume.folder / "mlflow_run_id").write_text(run_id)
-    trainer, recorder = build_trainer(config, resume.folder, logger, save_last=bool(config.resume_key or keep_checkpoint))
-    if run_id:
-        tracking.log_params(run_id, {"trainer.world_size": trainer.world_size})  # the processes DDP starts
+    trainer, recorder = build_trainer(config, resume.folder, logger, save_last=bool(config.resume_key or keep_checkpoint),
+                                      model=module)
+    if run_id:  # the processes DDP starts, and the precision auto chose
+        tracking.log_params(run_id, {"trainer.world_size": trainer.world_size, "trainer.precision_used": trainer.precision})
     if config.trainer.channels_last:  # NHWC convolution weights: activations follow (the oneDNN and cuDNN rule)
         module.to(memory_format=torch.channels_last)
     if config.trainer.compile:  # beside the model, not in it: checkpoints and the logged model stay plain

@@ -234,7 +234,10 @@ def champion(m: Measured, data_hash: str, device: torch.device) -> None:
               "champion is left as it is", flush=True)
         return
     line = crown(name, version, m.result["accuracy"], (m.x, m.y, m.meta.image_size), data_hash, device)
-    print(f"evaluate: {line}", flush=True)
+    holder = tracking.champion_version(name)
+    tags = tracking.client().get_model_version(name, holder).tags if holder else {}
+    what = tags.get("strategy", tags.get("stage", "?"))
+    print(f"evaluate: {line}; the champion, v{holder}, is the {what} model", flush=True)
 
 
 def run_for(p: params_mod.Params, name: str, training_run: str, data_hash: str) -> str:

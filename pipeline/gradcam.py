@@ -16,7 +16,6 @@ from torch import nn
 
 from pipeline.predict import to_float
 
-
 ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.Tanh, nn.GELU)
 
 

@@ -421,9 +421,11 @@ def test_the_mnist_full_profile_prepares_all_of_mnist_and_trains(tmp_path, offli
     assert sorted(metrics["per_class"]["test"].values()) == sorted(sources.MNIST_COUNTS["test"])
     assert run_stage(repo, "augment").code == 0
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"] |= {"epochs": 1, "limit_train_batches": 5, "warmup_epochs": 0}
+    # 40 steps at a constant rate: a margin over chance that holds on any CPU (five one-cycle steps reached 0.18 on
+    # CI's machine and more here: a ramp that short is all warm-up and depends on the float path)
+    params["train"] |= {"epochs": 1, "limit_train_batches": 40, "warmup_epochs": 0, "scheduler": "none", "lr": 0.002}
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run_stage(repo, "train_scratch")
     assert result.code == 0, result.err
     trained = json.loads((repo / "metrics/train_scratch.json").read_text())
-    assert trained["epochs_run"] == 1 and trained["best_val_acc"] > 0.3  # 5 steps on MNIST: well above chance
+    assert trained["epochs_run"] == 1 and trained["best_val_acc"] > 0.7  # chance: 0.1

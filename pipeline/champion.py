@@ -1,5 +1,7 @@
-"""The alias `champion` of a registered model: moved only to a version at least as accurate on the same test
-images as the current champion, which is loaded and measured again (its earlier figure may be on other data)."""
+"""The alias `champion` of a registered model: moved only to a version more accurate on the same test images than
+the current champion, which is loaded and measured again (its earlier figure may be on other data), or to a newer
+version exactly as accurate. An older version that ties keeps its place: re-evaluating tied versions (a rerun of
+evaluate) never moves the alias back and forth."""
 
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def crown(name: str, version: str, acc: float, test: tuple[np.ndarray, np.ndarra
         client.set_registered_model_alias(name, "champion", version)
         return f"{name}: champion moves from v{current} (other classes) to v{version} (test acc {acc:.4f})"
     champion_acc = accuracy(probs, y)
-    if acc < champion_acc:
+    if acc < champion_acc or (acc == champion_acc and int(version) < int(current)):
         return f"{name}: champion stays v{current} (test acc {champion_acc:.4f} on these images; v{version}: {acc:.4f})"
     client.set_registered_model_alias(name, "champion", version)
     return f"{name}: champion moves from v{current} ({champion_acc:.4f}) to v{version} ({acc:.4f})"

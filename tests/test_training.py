@@ -118,8 +118,8 @@ def test_impossible_layer_stack_stops_the_stage(tmp_path, tiny_prepared, run_sta
 
 def test_champion_moves_only_to_a_version_at_least_as_accurate(tmp_path, monkeypatch, mlflow_store, tiny_prepared,
                                                                 capsys):
-    """First, worse (stays), equally accurate (moves: "at least as accurate"), better (moves); evaluate's test
-    metrics land in each model's own training run."""
+    """First, worse (stays), a newer one equally accurate (moves: "at least as accurate"), an older tie
+    re-evaluated (stays), better (moves); evaluate's test metrics land in each model's own training run."""
     from mlflow import MlflowClient
 
     from pipeline.data import augment as aug
@@ -150,6 +150,13 @@ def test_champion_moves_only_to_a_version_at_least_as_accurate(tmp_path, monkeyp
     third, out = version({"epochs": 2})  # the first one's params and seed: as accurate, so it takes the alias
     assert third == first
     assert f"evaluate: cnn-pipeline-scratch: champion moves from v1 ({first:.4f}) to v3 ({third:.4f})" in out
+    # re-evaluating the older, equally accurate v1 (a rerun of evaluate) leaves the alias where it is
+    from pipeline.champion import crown
+
+    test = (tiny_prepared.x["test"], tiny_prepared.y["test"], tiny_prepared.x["test"].shape[1])
+    line = crown("cnn-pipeline-scratch", "1", first, test, "hash", torch.device("cpu"))
+    assert line == f"cnn-pipeline-scratch: champion stays v3 (test acc {third:.4f} on these images; v1: {first:.4f})"
+    assert str(client.get_model_version_by_alias("cnn-pipeline-scratch", "champion").version) == "3"
     fourth, out = version({"epochs": 8, "lr": 0.003})  # trained longer: better
     assert fourth > third
     assert f"evaluate: cnn-pipeline-scratch: champion moves from v3 ({third:.4f}) to v4 ({fourth:.4f})" in out

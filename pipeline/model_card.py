@@ -80,6 +80,6 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
               f"logits = model.predict(np.random.rand(2, {3 if meta.task == 'photos' else 1}, {meta.image_size}, "
               f"{meta.image_size}).astype('float32'))  # the class is the argmax",
               "```",
-              f"Serve it: `mlflow models serve -m {uri} --env-manager local -w 1`; an ONNX export of the champion is "
-              "logged beside the PyTorch model (`onnx/model.onnx`)."]
+              f"Serve it: `mlflow models serve -m {uri} --env-manager local -w 1`; when this version is its registered "
+              "model's champion, an ONNX export is logged beside the PyTorch model (`onnx/model.onnx`)."]
     return "\n".join(lines) + "\n"

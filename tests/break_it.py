@@ -217,6 +217,10 @@ def copy_repository(dest: Path) -> Path:
         if (REPO / rel).is_file():
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, dest / rel)
+    # a checkout, as the tests expect one (git commit tags, `git ls-files` of the repository copies)
+    git = ["git", "-c", "user.name=break_it", "-c", "user.email=break_it@localhost"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "break_it copy"]):
+        subprocess.run(git + args, cwd=dest, check=True, capture_output=True)
     return dest
 
 

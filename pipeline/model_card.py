@@ -5,6 +5,7 @@ model's reports."""
 
 from __future__ import annotations
 
+from pipeline import tasks
 from pipeline.models.checkpoint import ModelMeta
 
 USES = {
@@ -43,7 +44,7 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
         f"on {meta.target_per_class} labelled images per class")
     lines = [f"# {meta.label}" + (f" ({registered} v{version})" if version else ""), "",
              "## Model details",
-             f"- What: {what}; trained by the `{meta.stage}` stage of cnn-pipeline on the {meta.task} task.",
+             f"- What: {what}; trained by the `{tasks.get(meta.task).stages.get(meta.stage, meta.stage)}` stage of cnn-pipeline on the {meta.task} task.",
              f"- Classes ({len(meta.class_names)}): {', '.join(meta.class_names)}.",
              f"- Input: float pixels in [0, 1], shaped (N, C, {meta.image_size}, {meta.image_size}); normalization "
              "(and any resizing the network needs) is inside the model.",

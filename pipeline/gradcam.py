@@ -24,7 +24,8 @@ def target_layer(model: nn.Module) -> nn.Module:
     model's base): its maps, before any pooling, at their finest."""
     net = getattr(model, "net", model)
     part = getattr(net, "base", None) or net.features
-    return [m for m in part.modules() if isinstance(m, ACTIVATIONS)][-1]
+    activations = [m for m in part.modules() if isinstance(m, ACTIVATIONS)]
+    return activations[-1] if activations else part  # SiLU or functional ReLU bases: their last feature map
 
 
 def heatmaps(model: nn.Module, images: np.ndarray, targets: np.ndarray, batch_size: int = 16) -> np.ndarray:

@@ -67,7 +67,7 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
     lines += ["", "## Evaluation", f"On the untouched test split of its task ({result.get('test_images')} images):",
               "", "| metric | value |", "|---|---|"]
     for key in ("accuracy", "top_3_accuracy", "top_2_accuracy", "f1_macro", "ece", "latency_ms_p50",
-                "throughput_images_per_s", "int8_accuracy", "int8_model_file_mb"):
+                "throughput_images_per_s", "int8_accuracy", "int8_weights_mb"):
         if key in result:
             lines.append(f"| {key} | {_fmt(result[key])} |")
     if spread:
@@ -82,5 +82,5 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
               f"{meta.image_size}).astype('float32'))  # the class is the argmax",
               "```",
               f"Serve it: `mlflow models serve -m {uri} --env-manager local -w 1`; when this version is its registered "
-              "model's champion, an ONNX export is logged beside the PyTorch model (`onnx/model.onnx`)."]
+              f"model's champion, an ONNX export is logged beside the PyTorch model (`onnx/{registered}.onnx`)."]
     return "\n".join(lines) + "\n"

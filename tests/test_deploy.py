@@ -23,7 +23,9 @@ def trained(tiny_prepared, tmp_path_factory):
     here = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("deploy"))
     try:
-        p = parse({"train": {"epochs": 6, "batch_size": 16, "lr": 0.003, "warmup_epochs": 0}})
+        # fp32 on every CPU: the Grad-CAM and int8 bars below then hold on machines with and without native bf16
+        p = parse({"train": {"epochs": 6, "batch_size": 16, "lr": 0.003, "warmup_epochs": 0},
+                   "trainer": {"precision": "32-true"}})
         seed_all(0)
         model = Classifier(CNN(PRESETS["seed_mnist"], 1, 28, 10), tiny_prepared.mean, tiny_prepared.std, 1)
         dm = ImageDataModule({s: (tiny_prepared.x[s], tiny_prepared.y[s]) for s in ("train", "val")}, 16, 0)
@@ -115,3 +117,29 @@ def test_a_model_card_holds_the_runs_own_figures():
                      "fine_tuning of efficientnet_lite0 on 30 labelled images per class",
                      "models:/cnn-pipeline-transfer-photos/3", "expected calibration error 0.0567"):
         assert expected in text, expected
+
+
+def test_gradcam_of_a_base_without_activation_modules_uses_its_last_feature_map():
+    """EfficientNet-B0's SiLU and GoogLeNet's functional ReLU are no nn.ReLU modules: the maps come from the
+    base's own output, not an IndexError."""
+    from pipeline.gradcam import heatmaps, target_layer
+
+    class SiLUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.SiLU(),
+                                                torch.nn.MaxPool2d(2))
+            self.head = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(8 * 14 * 14, 3))
+
+        def forward(self, x):
+            return self.head(self.features(x))
+
+    torch.manual_seed(0)
+    model = SiLUNet()
+    try:
+        layer = target_layer(model)
+    except IndexError:
+        pytest.fail("no Grad-CAM layer for a base without activation modules")
+    assert layer is model.features
+    maps = heatmaps(model, np.random.default_rng(0).integers(0, 255, (2, 28, 28, 1), dtype=np.uint8), np.array([0, 1]))
+    assert maps.shape == (2, 28, 28) and np.isfinite(maps).all()

@@ -350,3 +350,16 @@ def test_source_task_base_is_pretrained_and_reused_by_the_target_models(tmp_path
     assert saved["weights"] == "source_task" and saved["backbone"] == "seed_mnist"
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     assert set(saved["summary"]["3"]) == {"feature_extraction", "fine_tuning"}
+
+
+def test_a_deep_claims_stack_as_the_sweeps_scratch_model_is_one_line():
+    """plain20/residual20 are presets for the claims, not CNNs the sweep's scratch strategy can train: one line
+    naming the value and the known presets, before any data is read."""
+    from pipeline import tasks
+    from pipeline.params import parse
+    from pipeline.stages import transfer_learn
+
+    with pytest.raises(PipelineError) as err:
+        transfer_learn.setup(parse({"transfer": {"scratch_model": "plain20"}}), tasks.get("digits"))
+    assert str(err.value).startswith("transfer.scratch_model: 'plain20' is one of the claims' deep stacks")
+    assert "seed_mnist" in str(err.value) and "\n" not in str(err.value)

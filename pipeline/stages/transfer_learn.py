@@ -27,10 +27,10 @@ from pipeline import plots, tasks, tracking
 from pipeline.atomic import atomic_set, write_csv, write_json
 from pipeline.data import augment as aug
 from pipeline.data.prepared import PreparedData, class_subset, per_class_indices
-from pipeline.errors import stage_main
+from pipeline.errors import PipelineError, stage_main
 from pipeline.evaluation import sweep_summary
 from pipeline.models import checkpoint, registry
-from pipeline.models.cnn import preset
+from pipeline.models.cnn import PRESETS, CNNSpec, preset
 from pipeline.outputs import check_writable
 from pipeline.predict import predict_proba, to_float
 from pipeline.rank import is_rank_zero
@@ -49,7 +49,9 @@ def setup(p: params_mod.Params, task: tasks.Task) -> Setup:
     tp = task.section(p, "transfer")
     arch = registry.get(tp.backbone, f"{task.transfer}.backbone")
     if tp.scratch_model != "model" and "scratch" in tp.strategies:
-        preset(tp.scratch_model, f"{task.transfer}.scratch_model")
+        if not isinstance(preset(tp.scratch_model, f"{task.transfer}.scratch_model"), CNNSpec):
+            raise PipelineError(f"{task.transfer}.scratch_model: {tp.scratch_model!r} is one of the claims' deep "
+                                f"stacks, not a CNN preset the sweep can train; known: {', '.join(PRESETS)}")
     data = PreparedData.load(task.prepared)
     augmentation = aug.load(task.augmented / "pipeline.json", seed=p.seed)
     tracking.check_store()

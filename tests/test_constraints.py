@@ -1,0 +1,71 @@
+"""The environment is the one the figures were measured in: every installed package at constraints.txt's version.
+
+A package that moves moves figures (opencv-python-headless 5.0 -> 5.1 changed the transfer sweeps' augmented
+copies, and their ImageNet arms by up to 0.011), so an install that skipped the constraints fails here, by name.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OWN = {"cnn-pipeline", "pip", "setuptools", "wheel"}  # the project itself and pip's own tools are not pinned
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def pinned() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, version = line.partition("==")
+            assert version, f"constraints.txt: {line!r} is not name==version"
+            pins[canonical(name)] = version
+    return pins
+
+
+def installed() -> dict[str, str]:
+    return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()
+            if canonical(d.metadata["Name"]) not in OWN}
+
+
+def test_every_installed_package_is_at_its_pinned_version():
+    pins, have = pinned(), installed()
+    unpinned = sorted(set(have) - set(pins))
+    moved = sorted(f"{n} {have[n]} (pinned {pins[n]})" for n in have if n in pins and have[n] != pins[n])
+    assert not unpinned, f"installed but not in constraints.txt: {', '.join(unpinned)}"
+    assert not moved, f"installed at another version than constraints.txt: {', '.join(moved)}"
+
+
+def test_the_pins_cover_what_pyproject_declares():
+    """Every dependency pyproject.toml names (extras included) has a pin, at a version its specifier allows."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    pins = pinned()
+    for text in declared:
+        req = Requirement(text)
+        name = canonical(req.name)
+        assert name in pins, f"pyproject.toml declares {text!r}; constraints.txt has no pin for it"
+        assert req.specifier.contains(pins[name], prereleases=True), \
+            f"constraints.txt pins {name}=={pins[name]}, outside pyproject.toml's {text!r}"
+
+
+def test_both_readme_commands_and_ci_install_with_the_constraints():
+    readme = (ROOT / "README.md").read_text()
+    commands = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv")]
+    ci = [line for line in (ROOT / ".ci/run").read_text().splitlines() if line.startswith("python3 -m venv")]
+    assert len(commands) == 2 and len(ci) == 1, (commands, ci)
+    for command in commands + ci:
+        install = next(part for part in command.split("&&") if "pip install" in part)
+        words = shlex.split(install)
+        assert "-c" in words and words[words.index("-c") + 1] == "constraints.txt", command

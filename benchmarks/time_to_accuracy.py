@@ -24,6 +24,7 @@ import yaml
 
 from pipeline import params as params_mod
 from pipeline.data.prepared import PreparedData
+from pipeline.errors import PipelineError, stage_main
 from pipeline.predict import device_for, predict_proba
 from pipeline.stages import augment, prepare, train_scratch
 
@@ -59,7 +60,14 @@ def recipe(profile: str = "mnist_full", overrides: dict | None = None) -> params
     """params.yaml with the profile and `overrides` (dotted keys, as `dvc exp run -S`) on top; the repository's
     downloaded files reused."""
     raw = params_mod.with_profile(profile, REPO / "params.yaml").model_dump(mode="json")
+    known = params_mod.flatten(raw)
     for key, value in (overrides or {}).items():
+        if key not in known and not any(k.startswith(key + ".") for k in known):  # a typo is one line naming it, not a KeyError (the value is checked by parse)
+            near = sorted((k for k in known if k.split(".")[-1] == key.split(".")[-1]),
+                          key=lambda k: (k.count("."), k))
+            raise PipelineError(f"--set {key}: no such params key" + (f"; did you mean {', '.join(near[:5])}?"
+                                                                      if near else " (keys as in params.yaml, "
+                                                                      "dotted: train.lr, seed, ...)"))
         *parents, leaf = key.split(".")
         node = raw
         for part in parents:
@@ -109,6 +117,7 @@ def describe(name: str, m: dict, target: float) -> str:
     return f"time_to_accuracy: {name}: {where}; per-epoch test acc {m['accs']}; whole stage {m['stage_s']:.0f}s"
 
 
+@stage_main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="mnist_full")
@@ -116,6 +125,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a params key on top of the profile, as dvc exp run -S (e.g. seed=1)")
     args = parser.parse_args(argv)
+    bad = [item for item in args.set if "=" not in item]
+    if bad:
+        parser.error(f"--set {bad[0]!r}: expected KEY=VALUE (e.g. --set seed=1)")
     overrides = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in args.set)}
     with workspace():
         m = measure(recipe(args.profile, overrides), args.target)

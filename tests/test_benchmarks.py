@@ -18,3 +18,29 @@ def test_harness_prints_rounds_and_the_greppable_line():
     assert final, lines[-1]
     assert float(final.group(1)) == ratios[1]  # the median of the rounds
     assert (final.group(2) == "met") == (float(final.group(1)) >= 0.9)
+
+
+def test_a_misspelt_benchmark_name_is_one_line_and_runs_nothing():
+    out = run_module("benchmarks", REPO, "--only", "roofline", "rooflin")
+    assert out.returncode == 2
+    assert "--only: unknown benchmark 'rooflin'; known: lightning_step" in out.stderr
+    assert "roofline:" not in out.stdout  # nothing measured before the error
+
+
+def test_time_to_accuracy_names_a_misspelt_params_key_and_its_likely_meaning():
+    import subprocess
+
+    from tests.conftest import PYTHON
+
+    def tta(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PYTHON, "benchmarks/time_to_accuracy.py", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=300)
+
+    out = tta("--set", "trian.lr=0.1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --set trian.lr: no such params key; did you mean")
+    assert "train.lr" in out.stderr
+    out = tta("--set", "train.lr")
+    assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
+    out = tta("--set", "train.lr=-1")
+    assert out.returncode == 2 and "train.lr must be > 0" in out.stderr and "Traceback" not in out.stderr

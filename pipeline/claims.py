@@ -30,6 +30,7 @@ from pipeline.data.prepared import PreparedData, per_class_indices
 from pipeline.evaluation import training_memory_mb
 from pipeline.fundamentals.summary import param_counts
 from pipeline.models.cnn import Classifier, CNNSpec, build, preset
+from pipeline.models.state import read_state_dict
 from pipeline.params import PROBE_METRICS, ClaimRecipe, TrainerParams
 from pipeline.predict import accuracy, predict_proba, to_float
 from pipeline.training.fit import FitConfig, fit, seed_all
@@ -77,6 +78,7 @@ class Trained:
     train_images: np.ndarray
     train_labels: np.ndarray
     train_time_s: float
+    precision: str = "32-true"  # what Lightning trained in (trainer.precision auto's choice)
 
 
 @dataclass
@@ -90,6 +92,7 @@ class Result:
     rows: list[dict] = field(default_factory=list)
     shifted: dict[int, float] = field(default_factory=dict)  # shift (pixels) -> test accuracy
     steps_to_target: int | None = None
+    precision: str | None = None  # of the training (None: a probe, nothing trained)
 
 
 def train(recipe: ClaimRecipe, seed: int, data: PreparedData, augmentation, trainer: TrainerParams) -> Trained:
@@ -109,11 +112,9 @@ def train(recipe: ClaimRecipe, seed: int, data: PreparedData, augmentation, trai
     result = fit(ClassifierModule(model, recipe), dm, config, keep_checkpoint=True)
     elapsed = time.perf_counter() - start
     best = {k: v.clone() for k, v in model.state_dict().items()}
-    last_file = result.checkpoint_dir / "last.ckpt"
-    state = torch.load(last_file, map_location="cpu", weights_only=False)["state_dict"]
-    last = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+    last = read_state_dict(result.checkpoint_dir / "last.ckpt")
     result.discard_checkpoints()
-    return Trained(model.cpu(), best, last, result.rows, x, y, elapsed)
+    return Trained(model.cpu(), best, last, result.rows, x, y, elapsed, result.precision)
 
 
 def steps_to(rows: list[dict], target: float) -> int | None:
@@ -129,7 +130,7 @@ def measure(metric: str, recipe: ClaimRecipe, t: Trained, data: PreparedData, sh
     size = data.image_size
     test_acc = accuracy(predict_proba(t.model, x, size, device=device), y)
     result = Result(test_acc, test_acc, param_counts(t.model.net)["total"], t.train_time_s, t.rows,
-                    steps_to_target=steps_to(t.rows, target))
+                    steps_to_target=steps_to(t.rows, target), precision=t.precision)
     if metric == "shift_drop":
         for k in shifts:
             moved = [shift(x, dx, dy) for dx, dy in {(k, 0), (-k, 0), (0, k), (0, -k)}]

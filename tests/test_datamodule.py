@@ -75,6 +75,29 @@ def test_the_batch_order_is_the_loaders_own_and_documented(tiny_prepared):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
+def test_passes_make_the_same_epoch_with_loader_workers(tiny_prepared, workers):
+    """`passes` (a sweep's few images, several passes an epoch) holds on torch's DataLoader too (loader workers,
+    DDP): the same steps an epoch, every image `passes` times, still augmented image by image there."""
+    x, y = tiny_prepared.x["train"][:40], tiny_prepared.y["train"][:40]
+    dm = fitting(ImageDataModule({"train": (x, y), "val": (x, y)}, 8, 3, pipeline(3, affine_p=1.0), batched=False,
+                                 num_workers=workers, passes=3))
+    loader = dm.train_dataloader()
+    assert len(loader) == 3 * 40 // 8
+    batches = epoch(dm, loader)
+    assert len(batches) == 15
+    images = torch.cat([b[0] for b in batches])
+    plain = torch.as_tensor(x).permute(0, 3, 1, 2).float() / 255
+    # each stored image is drawn 3 times an epoch: its label count triples, and the copies differ (augmented)
+    assert torch.equal(torch.bincount(torch.cat([b[1] for b in batches]), minlength=10),
+                       3 * torch.bincount(torch.as_tensor(y), minlength=10))
+    assert not any(torch.equal(img, ref) for img in images[:5] for ref in plain)
+    tensors = make_loader(torch.utils.data.TensorDataset(torch.arange(40.0), torch.arange(40)), 8, True, 3,
+                          num_workers=workers, passes=3)
+    seen = torch.cat([labels for _, labels in tensors])
+    assert len(tensors) == 15 and torch.equal(torch.sort(seen).values, torch.arange(40).repeat_interleave(3))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
 def test_same_seed_same_augmented_batch(tiny_prepared, workers):
     def first_batch(seed):
         dm = fitting(ImageDataModule(splits(tiny_prepared), 16, seed, pipeline(seed, affine_p=1.0),

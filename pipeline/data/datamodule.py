@@ -149,14 +149,39 @@ class Batches:
         return [torch.index_select(t, 0, idx.to(t.device)) for t in self.dataset.tensors]
 
 
+class Repeated(Dataset):
+    """`passes` copies of a data set end to end (index i reads image i mod n): an epoch of that many passes
+    through torch's DataLoader, whose sampler (Lightning's DistributedSampler under DDP) shuffles all of it.
+    `per_image` and `rank` are the inner data set's (loader workers seed their augmentation from them)."""
+
+    def __init__(self, dataset: ImageDataset | TensorDataset, passes: int) -> None:
+        self.dataset, self.passes, self.n = dataset, passes, len(dataset)
+        self.per_image, self.rank = getattr(dataset, "per_image", None), getattr(dataset, "rank", 0)
+
+    def __len__(self) -> int:
+        return self.n * self.passes
+
+    def __getitems__(self, indices):
+        inner = [i % self.n for i in indices]
+        if hasattr(self.dataset, "__getitems__"):
+            return self.dataset.__getitems__(inner)
+        return [self.dataset[i] for i in inner]
+
+    def __getitem__(self, i: int):
+        return self.dataset[i % self.n]
+
+
 def make_loader(dataset: ImageDataset | TensorDataset, batch_size: int, shuffle: bool, seed: int,
                 num_workers: int = 0, passes: int = 1) -> Batches | DataLoader:
     """Batches in process; torch's DataLoader (its seeded generator, per-worker augmentation seeds) with worker
-    processes or under distributed training, where Lightning puts its distributed sampler into it (one pass an
-    epoch there)."""
+    processes or under distributed training, where Lightning puts its distributed sampler into it; `passes` > 1
+    (shuffled splits only) repeats the data set that many times there, so an epoch has the same steps on both
+    paths."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if num_workers == 0 and not distributed:
         return Batches(dataset, batch_size, shuffle, seed, passes)
+    if shuffle and passes > 1:
+        dataset = Repeated(dataset, passes)
     on_host = not isinstance(dataset, ImageDataset) or dataset.tensor is None or dataset.tensor.device.type == "cpu"
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,

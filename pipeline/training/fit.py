@@ -48,7 +48,6 @@ class FitConfig:
     patience: int | None = None  # early stopping; None: off
     gradient_clip_val: float = 0.0
     limit_train_batches: float = 1.0
-    val_every: int = 1  # validate every n epochs
     label: str = ""  # prefix of the per-epoch console lines
     quiet: bool = False  # no per-epoch lines (sweeps)
     resume_key: str | None = None  # trainings with a key resume from their last checkpoint after a kill
@@ -71,6 +70,7 @@ class FitResult:
     best: dict[str, float]  # the row of the epoch the monitor prefers
     train_time_s: float
     world_size: int  # processes that trained (devices x nodes under DDP)
+    precision: str = "32-true"  # the precision Lightning trained in (what `auto` chose)
     run_id: str | None = None
     checkpoint_dir: Path | None = None  # best.ckpt and last.ckpt, kept for the caller (keep_checkpoint)
 
@@ -221,7 +221,6 @@ def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None, save_las
         max_epochs=config.epochs, logger=logger if logger is not None else False, callbacks=callbacks,
         enable_progress_bar=show_bar, enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=config.gradient_clip_val or None, limit_train_batches=limit, log_every_n_steps=1,
-        check_val_every_n_epoch=config.val_every,
     )
     return trainer, recorder
 
@@ -317,7 +316,8 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: 
     if best.is_file():  # the best epoch's weights, not the last epoch's
         module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     result = FitResult(rows=recorder.rows, best=best_row(recorder.rows, config.monitor), train_time_s=train_time,
-                       world_size=trainer.world_size, run_id=run_id, checkpoint_dir=resume.folder)
+                       world_size=trainer.world_size, precision=str(trainer.precision), run_id=run_id,
+                       checkpoint_dir=resume.folder)
     if not keep_checkpoint:
         result.discard_checkpoints()
         result.checkpoint_dir = None

@@ -24,6 +24,41 @@ def test_seed_mnist_is_exactly_the_seed_table():
     assert flatten.output_shape == (3136,)
 
 
+@pytest.mark.parametrize(("preset_name", "first_act_sees", "full_size"),
+                         [("seed_mnist", 14, 28), ("small_cnn", 14, 28), ("lenet5", 24, 24)])
+@pytest.mark.parametrize("half", [False, True])
+def test_training_pools_before_relu_and_trains_bit_identically(preset_name, first_act_sees, full_size, half):
+    """In training, each ReLU -> max pool pair runs pool first (ReLU on a quarter of the values); the weights
+    after several Adam steps equal, bit for bit, those of the written order (fp32 and bf16 autocast,
+    channels-last as the stages train); evaluation runs the written order."""
+    import copy
+
+    torch.manual_seed(0)
+    fast = CNN(PRESETS[preset_name], 1, 28, 10).to(memory_format=torch.channels_last)
+    written = copy.deepcopy(fast)
+    written._pool_first = set()
+    relu = next(m for m in fast.features if isinstance(m, torch.nn.ReLU | torch.nn.Tanh))
+    seen = []
+    relu.register_forward_hook(lambda _m, inputs, _out: seen.append(inputs[0].shape[-1]))
+    optimizers = [torch.optim.Adam(m.parameters(), 1e-2) for m in (fast, written)]
+    g = torch.Generator().manual_seed(1)
+    for step in range(4):
+        x, y = torch.rand(16, 1, 28, 28, generator=g) - 0.3, torch.randint(0, 10, (16,), generator=g)
+        for model, opt in zip((fast, written), optimizers, strict=True):
+            torch.manual_seed(step)  # the same dropout masks for both
+            opt.zero_grad()
+            with torch.autocast("cpu", torch.bfloat16, enabled=half):
+                torch.nn.functional.cross_entropy(model.train()(x), y).backward()
+            opt.step()
+    assert seen == [first_act_sees] * 4  # the first ReLU ran on the pooled 14x14 maps, not on 28x28
+    for (name, a), b in zip(fast.named_parameters(), written.parameters(), strict=True):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(fast.named_buffers(), written.buffers(), strict=True):  # BatchNorm's running statistics
+        assert torch.equal(a, b), name
+    fast.eval()(x)
+    assert seen[-1] == full_size  # evaluation: the written order (explain and Grad-CAM read the full-size maps)
+
+
 def test_keras_tutorial_and_lenet5():
     assert count(CNN(PRESETS["keras_tutorial"], 1, 28, 10)) == 93_322
     assert count(CNN(PRESETS["lenet5"], 1, 32, 10)) == 61_706

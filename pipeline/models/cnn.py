@@ -230,24 +230,7 @@ class DeepCNN(nn.Module):
         self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(spec.width, num_classes))
 
     def forward(self, x):
-        return self.classifier(self._train_features(x) if self.training else self.features(x))
-
-    def _train_features(self, x: torch.Tensor) -> torch.Tensor:
-        """`features` with every ReLU -> max pool pair run as max pool -> ReLU. Max pooling commutes with ReLU
-        (ReLU keeps the order of positive values and zeroes the rest, so the window's maximum and the gradient's
-        path are the same), so outputs and gradients are bit-identical (tests/test_models.py), and ReLU, forward
-        and backward, runs on a quarter of the values: the seed CNN's training step 15-35% faster on 2 CPU cores
-        (benchmarks/README.md). Evaluation keeps the written order: the explain stage's feature maps and
-        Grad-CAM read the ReLU's full-resolution output."""
-        layers, i = self.features, 0
-        while i < len(layers):
-            if i in getattr(self, "_pool_first", ()):  # (a model pickled before it had none)
-                x = layers[i](layers[i + 1](x))
-                i += 2
-            else:
-                x = layers[i](x)
-                i += 1
-        return x
+        return self.classifier(self.features(x))
 
 
 def build(spec: CNNSpec | DeepSpec, in_channels: int, image_size: int, num_classes: int) -> nn.Module:

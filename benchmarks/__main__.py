@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in args.only or [] if n not in names]
     if unknown:
         parser.error(f"--only: unknown benchmark {', '.join(map(repr, unknown))}; known: {', '.join(names)}")
-    if args.quick and args.only and all(b.full_only for b in BENCHMARKS if b.name in args.only):
-        parser.error(f"--only {' '.join(args.only)} runs in full mode only (drop --quick)")
+    full_only = [b.name for b in BENCHMARKS if b.full_only and b.name in (args.only or [])]
+    if args.quick and full_only:
+        parser.error(f"--only {', '.join(full_only)}: runs in full mode only (drop --quick)")
     device = suite.configure(args.device)
     print(f"benchmarks on {device.type}" + (f" ({torch.cuda.get_device_name()})" if device.type == "cuda" else
                                              f" ({os.cpu_count()} cores; native bf16: {cpu_has_bf16()})"), flush=True)

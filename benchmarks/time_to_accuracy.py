@@ -60,19 +60,26 @@ def recipe(profile: str = "mnist_full", overrides: dict | None = None) -> params
     """params.yaml with the profile and `overrides` (dotted keys, as `dvc exp run -S`) on top; the repository's
     downloaded files reused."""
     raw = params_mod.with_profile(profile, REPO / "params.yaml").model_dump(mode="json")
-    known = params_mod.flatten(raw)
     for key, value in (overrides or {}).items():
-        if key not in known and not any(k.startswith(key + ".") for k in known):  # a typo is one line naming it, not a KeyError (the value is checked by parse)
-            near = sorted((k for k in known if k.split(".")[-1] == key.split(".")[-1]),
-                          key=lambda k: (k.count("."), k))
-            raise PipelineError(f"--set {key}: no such params key" + (f"; did you mean {', '.join(near[:5])}?"
-                                                                      if near else " (keys as in params.yaml, "
-                                                                      "dotted: train.lr, seed, ...)"))
         *parents, leaf = key.split(".")
         node = raw
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        for part in parents:  # a missing section is one line naming it (a new leaf is checked by parse)
+            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            elif isinstance(node, dict) and isinstance(node.get(part), dict | list):
+                node = node[part]
+            else:
+                near = sorted((k for k in params_mod.flatten(raw) if k.split(".")[-1] == leaf),
+                              key=lambda k: (k.count("."), k))
+                raise PipelineError(f"--set {key}: no such params key" + (
+                    f"; did you mean {', '.join(near[:5])}?" if near else
+                    " (keys as in params.yaml, dotted: train.lr, seed, model.blocks.0.filters, ...)"))
+        if isinstance(node, list):
+            if not (leaf.isdigit() and int(leaf) < len(node)):
+                raise PipelineError(f"--set {key}: {'.'.join(parents)} has {len(node)} items (0-{len(node) - 1})")
+            node[int(leaf)] = value
+        else:
+            node[leaf] = value
     p = params_mod.parse(raw, source=f"profile {profile} + {overrides or {}}")
     return p.model_copy(update={"data": p.data.model_copy(update={"raw_dir": str((REPO / p.data.raw_dir).resolve())})})
 

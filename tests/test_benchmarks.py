@@ -25,6 +25,8 @@ def test_a_misspelt_benchmark_name_is_one_line_and_runs_nothing():
     assert out.returncode == 2
     assert "--only: unknown benchmark 'rooflin'; known: lightning_step" in out.stderr
     assert "roofline:" not in out.stdout  # nothing measured before the error
+    out = run_module("benchmarks", REPO, "--quick", "--only", "roofline", "time_to_accuracy")
+    assert out.returncode == 2 and "--only time_to_accuracy: runs in full mode only" in out.stderr
 
 
 def test_time_to_accuracy_names_a_misspelt_params_key_and_its_likely_meaning():
@@ -42,5 +44,7 @@ def test_time_to_accuracy_names_a_misspelt_params_key_and_its_likely_meaning():
     assert "train.lr" in out.stderr
     out = tta("--set", "train.lr")
     assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
+    out = tta("--set", "model.blocks.5=3")
+    assert out.returncode == 2 and "model.blocks has 3 items" in out.stderr and "Traceback" not in out.stderr
     out = tta("--set", "train.lr=-1")
     assert out.returncode == 2 and "train.lr must be > 0" in out.stderr and "Traceback" not in out.stderr

@@ -74,27 +74,36 @@ def test_the_batch_order_is_the_loaders_own_and_documented(tiny_prepared):
     assert torch.equal(torch.cat([labels for _, labels in ordered]), torch.as_tensor(y))  # val/test: stored order
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_passes_make_the_same_epoch_with_loader_workers(tiny_prepared, workers):
-    """`passes` (a sweep's few images, several passes an epoch) holds on torch's DataLoader too (loader workers,
-    DDP): the same steps an epoch, every image `passes` times, still augmented image by image there."""
-    x, y = tiny_prepared.x["train"][:40], tiny_prepared.y["train"][:40]
-    dm = fitting(ImageDataModule({"train": (x, y), "val": (x, y)}, 8, 3, pipeline(3, affine_p=1.0), batched=False,
-                                 num_workers=workers, passes=3))
-    loader = dm.train_dataloader()
-    assert len(loader) == 3 * 40 // 8
-    batches = epoch(dm, loader)
-    assert len(batches) == 15
-    images = torch.cat([b[0] for b in batches])
+@pytest.mark.parametrize(("n", "batch"), [(40, 8), (45, 8), (5, 8)])
+def test_loader_workers_give_the_in_process_epoch(tiny_prepared, n, batch):
+    """With loader workers the epoch is the in-process one: the same batches of the same images in the same order,
+    `passes` seeded permutations each cut into batches (a short last batch dropped, unless one batch is all),
+    the epoch set by Lightning; the images still augmented image by image in the workers."""
+    spread = np.linspace(0, len(tiny_prepared.y["train"]) - 1, n).astype(int)  # every class, not the first's
+    x, y = tiny_prepared.x["train"][spread], tiny_prepared.y["train"][spread]
+
+    def epoch_of(workers: int, ep: int) -> list[list[torch.Tensor]]:
+        dm = fitting(ImageDataModule({"train": (x, y), "val": (x, y)}, batch, 3, pipeline(3, affine_p=1.0),
+                                     batched=False, num_workers=workers, passes=3))
+        loader = dm.train_dataloader()
+        from lightning_fabric.utilities.data import _set_sampler_epoch
+
+        _set_sampler_epoch(loader, ep)  # what Lightning calls at every epoch's start
+        batches = epoch(dm, loader)
+        assert len(batches) == len(loader)
+        return batches
+
+    here, there = epoch_of(0, 1), epoch_of(2, 1)
+    per_pass = n // batch if n > batch else 1
+    assert len(here) == len(there) == 3 * per_pass
+    for a, b in zip(here, there, strict=True):
+        assert torch.equal(a[1], b[1])  # the same labels, batch by batch
+    assert not torch.equal(torch.cat([b[1] for b in epoch_of(2, 0)]), torch.cat([b[1] for b in there]))
     plain = torch.as_tensor(x).permute(0, 3, 1, 2).float() / 255
-    # each stored image is drawn 3 times an epoch: its label count triples, and the copies differ (augmented)
-    assert torch.equal(torch.bincount(torch.cat([b[1] for b in batches]), minlength=10),
-                       3 * torch.bincount(torch.as_tensor(y), minlength=10))
-    assert not any(torch.equal(img, ref) for img in images[:5] for ref in plain)
-    tensors = make_loader(torch.utils.data.TensorDataset(torch.arange(40.0), torch.arange(40)), 8, True, 3,
-                          num_workers=workers, passes=3)
-    seen = torch.cat([labels for _, labels in tensors])
-    assert len(tensors) == 15 and torch.equal(torch.sort(seen).values, torch.arange(40).repeat_interleave(3))
+    assert not any(torch.equal(img, ref) for img in there[0][0][:3] for ref in plain)  # augmented in the workers
+    tensors = make_loader(torch.utils.data.TensorDataset(torch.arange(float(n)), torch.arange(n)), batch, True, 3,
+                          num_workers=2, passes=3)
+    assert [len(labels) for _, labels in tensors] == [len(b[1]) for b in here]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -268,11 +268,11 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
     # EfficientNet's depthwise blocks in fp32 (slower in bf16 here), and the sweep's rows agree
     from pipeline.training.fit import cpu_has_bf16
 
-    by_name = {r.info.run_name.rsplit("/", 1)[1] + r.info.run_name.split("/")[2]: r.data.params for r in children}
+    by_name = {r.info.run_name.split("/", 1)[1]: r.data.params for r in children}  # n3/seed0/scratch
     half = "bf16-mixed" if cpu_has_bf16() else "32-true"
     expected = {"feature_extraction": half, "fine_tuning": "32-true", "scratch": half, "scratch_backbone": "32-true"}
     for r in rows:
-        params = by_name[r["strategy"] + f"seed{r['seed']}"]
+        params = by_name[f"n{r['target_per_class']}/seed{r['seed']}/{r['strategy']}"]
         assert params["trainer.precision_used"] == r["precision"] == expected[r["strategy"]], r
         assert params["trainer.world_size"] == "1"
     assert (tmp_path / "plots/transfer_learn/crossover.png").stat().st_size > 5000

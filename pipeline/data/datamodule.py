@@ -22,7 +22,7 @@ import albumentations as A
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate, get_worker_info
 
 from pipeline.data.augment import BatchAugment, apply
 from pipeline.predict import to_float
@@ -136,23 +136,47 @@ class Batches:
     def __len__(self) -> int:
         return self.per_pass() * self.passes
 
-    def __iter__(self):
+    def index_batches(self):
+        """The epoch's batches as index tensors: `passes` seeded permutations, each cut into batches."""
         n = len(self.dataset)
-        take = self.dataset.take if isinstance(self.dataset, ImageDataset) else self._take_tensors
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         for _ in range(self.passes):
             order = torch.randperm(n, generator=generator) if self.shuffle else torch.arange(n)
             for start in range(0, self.per_pass() * self.batch_size, self.batch_size):
-                yield take(order[start : start + self.batch_size])
+                yield order[start : start + self.batch_size]
+
+    def __iter__(self):
+        take = self.dataset.take if isinstance(self.dataset, ImageDataset) else self._take_tensors
+        for idx in self.index_batches():
+            yield take(idx)
 
     def _take_tensors(self, idx: torch.Tensor) -> list[torch.Tensor]:
         return [torch.index_select(t, 0, idx.to(t.device)) for t in self.dataset.tensors]
 
 
+class BatchOrder(Sampler):
+    """Batches' own order (the same seeded permutations, passes and dropped short batches) as a batch sampler
+    for torch's DataLoader with worker processes: the same batches as in process. Lightning sets its epoch
+    through `batch_sampler.sampler.set_epoch`."""
+
+    def __init__(self, order: Batches) -> None:
+        self.order, self.sampler = order, self
+
+    def set_epoch(self, epoch: int) -> None:
+        self.order.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        for idx in self.order.index_batches():
+            yield idx.tolist()
+
+
 class Repeated(Dataset):
-    """`passes` copies of a data set end to end (index i reads image i mod n): an epoch of that many passes
-    through torch's DataLoader, whose sampler (Lightning's DistributedSampler under DDP) shuffles all of it.
-    `per_image` and `rank` are the inner data set's (loader workers seed their augmentation from them)."""
+    """`passes` copies of a data set end to end (index i reads item i mod n): under DDP, where Lightning shards
+    the data with its DistributedSampler, an epoch of that many passes. `per_image` and `rank` are the inner data
+    set's (loader workers seed their augmentation from them)."""
 
     def __init__(self, dataset: ImageDataset | TensorDataset, passes: int) -> None:
         self.dataset, self.passes, self.n = dataset, passes, len(dataset)
@@ -171,24 +195,30 @@ class Repeated(Dataset):
         return self.dataset[i % self.n]
 
 
+def on_host(dataset: ImageDataset | TensorDataset) -> bool:
+    """Whether a data set's batches are built in host memory (then a GPU's loader pins them)."""
+    if isinstance(dataset, ImageDataset):
+        return dataset.tensor is None or dataset.tensor.device.type == "cpu"
+    return all(t.device.type == "cpu" for t in getattr(dataset, "tensors", ()))
+
+
 def make_loader(dataset: ImageDataset | TensorDataset, batch_size: int, shuffle: bool, seed: int,
                 num_workers: int = 0, passes: int = 1) -> Batches | DataLoader:
-    """Batches in process; torch's DataLoader (its seeded generator, per-worker augmentation seeds) with worker
-    processes or under distributed training, where Lightning puts its distributed sampler into it; `passes` > 1
-    (shuffled splits only) repeats the data set that many times there, so an epoch has the same steps on both
-    paths."""
+    """Batches in process; torch's DataLoader with worker processes (Batches' own order as its batch sampler,
+    per-worker augmentation seeds) or under distributed training, where Lightning puts its distributed sampler
+    into it (a seeded shuffle; `passes` > 1 repeats the data set that many times there)."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    order = Batches(dataset, batch_size, shuffle, seed, passes)
     if num_workers == 0 and not distributed:
-        return Batches(dataset, batch_size, shuffle, seed, passes)
-    if shuffle and passes > 1:
-        dataset = Repeated(dataset, passes)
-    on_host = not isinstance(dataset, ImageDataset) or dataset.tensor is None or dataset.tensor.device.type == "cpu"
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed), drop_last=shuffle and len(dataset) > batch_size,
-        worker_init_fn=seed_worker if num_workers else None, persistent_workers=num_workers > 0,
-        collate_fn=collate, pin_memory=torch.cuda.is_available() and on_host,
-    )
+        return order
+    common = {"num_workers": num_workers, "worker_init_fn": seed_worker if num_workers else None,
+              "generator": torch.Generator().manual_seed(seed),  # the workers' seeds derive from it
+              "persistent_workers": num_workers > 0, "collate_fn": collate,
+              "pin_memory": torch.cuda.is_available() and on_host(dataset)}
+    if not distributed:
+        return DataLoader(dataset, batch_sampler=BatchOrder(order), **common)
+    return DataLoader(Repeated(dataset, passes) if shuffle and passes > 1 else dataset, batch_size=batch_size,
+                      shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size, **common)
 
 
 class ImageDataModule(pl.LightningDataModule):

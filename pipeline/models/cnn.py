@@ -182,7 +182,8 @@ class CNN(nn.Module):
     def _train_features(self, x: torch.Tensor) -> torch.Tensor:
         """`features` with every ReLU -> max pool pair run as max pool -> ReLU. Max pooling commutes with ReLU
         (ReLU keeps the order of positive values and zeroes the rest, so the window's maximum and the gradient's
-        path are the same), so outputs and gradients are bit-identical (tests/test_models.py), and ReLU, forward
+        path are the same), so outputs and gradients are equal (the trained weights bit-identical in
+        tests/test_models.py; a window whose maximum is -0.0 gives -0.0 instead of +0.0), and ReLU, forward
         and backward, runs on a quarter of the values: the seed CNN's training step 15-35% faster on 2 CPU cores
         (benchmarks/README.md). Evaluation keeps the written order: the explain stage's feature maps and
         Grad-CAM read the ReLU's full-resolution output."""

@@ -27,9 +27,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     payload = read(path)
     if isinstance(payload, dict) and "state_dict" in payload:
         state = payload["state_dict"]
-        # Lightning prefixes the module attribute ("model.") to every key.
-        if all(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items()}
+        # Lightning prefixes the module attribute ("model.") to the network's keys; other keys (a module's own
+        # buffers or metrics) are not the network's.
+        if any(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
         return state
     if isinstance(payload, dict) and all(isinstance(v, torch.Tensor) for v in payload.values()):
         return payload

@@ -25,6 +25,40 @@ NOT_TESTED = {
 }
 
 
+# What each kind of training's recipe is made of (the last part of a params key), beside the optimizer's keys
+COMMON = ("optimizer", "lr", "batch_size", "scheduler", "weight_decay", "label_smoothing")
+BY_STRATEGY = {
+    None: ("preset", "epochs", "enabled"),  # train_scratch: the model, its epochs, augmentation on or off
+    "feature_extraction": ("backbone", "weights", "image_size", "head_steps"),
+    "fine_tuning": ("backbone", "weights", "image_size", "head_steps", "steps", "unfreeze_blocks",
+                    "backbone_lr_factor"),
+    "scratch": ("scratch_model", "scratch_image_size", "cnn_steps"),
+    "scratch_backbone": ("backbone", "image_size", "steps"),
+}
+
+
+def scratch_cnn(params: dict[str, str], section: str) -> str:
+    """The sweep's scratch CNN by name: its scratch_model, or the model section's preset when that is `model`."""
+    name = params.get(f"{section}.scratch_model", "model")
+    return params.get("model.preset", "the model section's CNN") if name == "model" else name
+
+
+def recipe(meta: ModelMeta, params: dict[str, str]) -> list[str]:
+    """The params keys that made this model, in order: its stage's and strategy's, the precision it trained in
+    (what `auto` chose, when the run recorded it), never another strategy's or the data's."""
+    wanted = COMMON + BY_STRATEGY.get(meta.strategy if meta.stage != "train_scratch" else None, ())
+    keys = [k for k in sorted(params) if k.split(".")[-1] in wanted and not k.startswith(("data.", "claims."))]
+    if meta.stage != "train_scratch":  # the sweep's own section, not train: or model: (unless scratch uses it)
+        keys = [k for k in keys if not k.startswith(("train.", "model.", "augment"))]
+        if meta.strategy == "scratch" and params.get(next((k for k in params if k.endswith(".scratch_model")), ""),
+                                                     "") == "model":
+            keys.append("model.preset")
+    else:
+        keys = [k for k in keys if k.startswith(("train.", "model.", "augment."))]
+    precision = "trainer.precision_used" if "trainer.precision_used" in params else "trainer.precision"
+    return keys + ([precision] if precision in params else [])
+
+
 def _fmt(value) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
@@ -35,13 +69,16 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
     `spread`: the sweep's spread of this strategy at this N (transfer models), or None."""
     source = data.get("source", "?")
     details = data.get("source_details", {})
-    recipe_keys = [k for k in sorted(params) if k.split(".")[-1] in (
-        "optimizer", "lr", "epochs", "batch_size", "scheduler", "weight_decay", "label_smoothing", "steps",
-        "head_steps", "cnn_steps", "backbone", "weights", "image_size", "unfreeze_blocks", "backbone_lr_factor",
-        "preset", "precision", "enabled") and not k.startswith(("data.", "trainer.accelerator"))]
-    what = meta.name if meta.stage == "train_scratch" else (
-        f"{meta.strategy} of {params.get(next((k for k in params if k.endswith('.backbone')), ''), 'a backbone')} "
-        f"on {meta.target_per_class} labelled images per class")
+    recipe_keys = recipe(meta, params)
+    section = next((k.split(".")[0] for k in params if k.endswith(".backbone")), "transfer")
+    if meta.stage == "train_scratch":
+        what = meta.name
+    elif meta.strategy == "scratch":
+        what = (f"our CNN ({scratch_cnn(params, section)}) trained from scratch on {meta.target_per_class} labelled "
+                "images per class, the sweep's baseline")
+    else:
+        what = (f"{meta.strategy} of {params.get(section + '.backbone', 'a backbone')} on {meta.target_per_class} "
+                "labelled images per class")
     lines = [f"# {meta.label}" + (f" ({registered} v{version})" if version else ""), "",
              "## Model details",
              f"- What: {what}; trained by the `{tasks.get(meta.task).stages.get(meta.stage, meta.stage)}` stage of cnn-pipeline on the {meta.task} task.",
@@ -63,7 +100,7 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
         lines.append(f"- Source: npm `{details['package']}` ({details.get('license')}; photos from the IFCT 2017 "
                      "book), fetched at run time, deduplicated by content.")
     if recipe_keys:
-        lines.append("- Recipe: " + ", ".join(f"{k} {params[k]}" for k in recipe_keys[:18]) + ".")
+        lines.append("- Recipe: " + ", ".join(f"{k} {params[k]}" for k in recipe_keys if k in params) + ".")
     lines += ["", "## Evaluation", f"On the untouched test split of its task ({result.get('test_images')} images):",
               "", "| metric | value |", "|---|---|"]
     for key in ("accuracy", "top_3_accuracy", "top_2_accuracy", "f1_macro", "ece", "latency_ms_p50",
@@ -81,6 +118,7 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
               f"logits = model.predict(np.random.rand(2, {3 if meta.task == 'photos' else 1}, {meta.image_size}, "
               f"{meta.image_size}).astype('float32'))  # the class is the argmax",
               "```",
-              f"Serve it: `mlflow models serve -m {uri} --env-manager local -w 1`; when this version is its registered "
-              f"model's champion, an ONNX export is logged beside the PyTorch model (`onnx/{registered}.onnx`)."]
+              f"Serve it: `mlflow models serve -m {uri} --env-manager local -w 1`" + (
+                  f"; when this version is its registered model's champion, an ONNX export is logged beside the "
+                  f"PyTorch model (`onnx/{registered}.onnx`)." if registered else ".")]
     return "\n".join(lines) + "\n"

@@ -117,6 +117,25 @@ def test_a_model_card_holds_the_runs_own_figures():
                      "fine_tuning of efficientnet_lite0 on 30 labelled images per class",
                      "models:/cnn-pipeline-transfer-photos/3", "expected calibration error 0.0567"):
         assert expected in text, expected
+    # the recipe is the strategy's own: the photo sweep's scratch CNN is small_cnn, not the model section's
+    # seed_mnist, and it trained in the precision its run recorded
+    params = {"transfer_photos.backbone": "efficientnet_lite0", "transfer_photos.lr": "0.001",
+              "transfer_photos.scratch_model": "small_cnn", "transfer_photos.cnn_steps": "200",
+              "transfer_photos.unfreeze_blocks": "3", "transfer_photos.steps": "30", "model.preset": "seed_mnist",
+              "train.lr": "0.01", "trainer.precision": "auto", "trainer.precision_used": "bf16-mixed"}
+    scratch = card(ModelMeta("transfer_learn", "scratch_efficientnet_lite0", "photos", ["a", "b"], [0, 1], 224,
+                             mlflow_run_id="r2", strategy="scratch", target_per_class=30), result, data, params,
+                   spread, None, None)
+    recipe_line = next(line for line in scratch.splitlines() if line.startswith("- Recipe: "))
+    assert "our CNN (small_cnn) trained from scratch on 30 labelled images per class" in scratch
+    assert "transfer_photos.scratch_model small_cnn" in recipe_line and "cnn_steps 200" in recipe_line
+    assert "trainer.precision_used bf16-mixed" in recipe_line
+    assert "onnx/None" not in scratch and "runs:/r2/model" in scratch  # not registered: its run's model
+    for foreign in ("model.preset", "train.lr", "unfreeze_blocks", "steps 30", "trainer.precision auto"):
+        assert foreign not in recipe_line, foreign
+    tuned = card(meta, result, data, params, spread, "3", "cnn-pipeline-transfer-photos")
+    tuned_recipe = next(line for line in tuned.splitlines() if line.startswith("- Recipe: "))
+    assert "unfreeze_blocks 3" in tuned_recipe and "cnn_steps" not in tuned_recipe
 
 
 def test_gradcam_of_a_base_without_activation_modules_uses_its_last_feature_map():

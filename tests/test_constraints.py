@@ -69,3 +69,24 @@ def test_both_readme_commands_and_ci_install_with_the_constraints():
         install = next(part for part in command.split("&&") if "pip install" in part)
         words = shlex.split(install)
         assert "-c" in words and words[words.index("-c") + 1] == "constraints.txt", command
+
+
+def test_ci_fails_when_its_install_fails(tmp_path):
+    """.ci/run's status is its command's: a failing install (here a broken pyproject.toml) is a failing CI, not
+    a green one that ran no test (under `set -e` a failure inside an && list does not stop a script)."""
+    import os
+    import shutil
+    import subprocess
+
+    if not all(shutil.which(tool) for tool in ("chromium", "chromedriver", "npm")):
+        import pytest
+
+        pytest.skip("the system packages .ci/run would install first are missing here")
+    (tmp_path / ".ci").mkdir()
+    shutil.copy(ROOT / ".ci/run", tmp_path / ".ci/run")
+    shutil.copy(ROOT / "constraints.txt", tmp_path / "constraints.txt")
+    (tmp_path / "pyproject.toml").write_text("[project\nname = 'broken'\n")
+    out = subprocess.run(["bash", str(tmp_path / ".ci/run")], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=600, env={k: v for k, v in os.environ.items() if not k.startswith("VIRTUAL_ENV")})
+    assert out.returncode != 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "ci: done in" in out.stdout and "(status 0)" not in out.stdout

@@ -78,7 +78,7 @@ class Trained:
     train_images: np.ndarray
     train_labels: np.ndarray
     train_time_s: float
-    precision: str = "32-true"  # what Lightning trained in (trainer.precision auto's choice)
+    run_params: dict = field(default_factory=dict)  # what its run gets from the Trainer (precision used, ...)
 
 
 @dataclass
@@ -92,7 +92,7 @@ class Result:
     rows: list[dict] = field(default_factory=list)
     shifted: dict[int, float] = field(default_factory=dict)  # shift (pixels) -> test accuracy
     steps_to_target: int | None = None
-    precision: str | None = None  # of the training (None: a probe, nothing trained)
+    run_params: dict = field(default_factory=dict)  # of the training (none for a probe: nothing trained)
 
 
 def train(recipe: ClaimRecipe, seed: int, data: PreparedData, augmentation, trainer: TrainerParams) -> Trained:
@@ -114,7 +114,7 @@ def train(recipe: ClaimRecipe, seed: int, data: PreparedData, augmentation, trai
     best = {k: v.clone() for k, v in model.state_dict().items()}
     last = read_state_dict(result.checkpoint_dir / "last.ckpt")
     result.discard_checkpoints()
-    return Trained(model.cpu(), best, last, result.rows, x, y, elapsed, result.precision)
+    return Trained(model.cpu(), best, last, result.rows, x, y, elapsed, result.run_params)
 
 
 def steps_to(rows: list[dict], target: float) -> int | None:
@@ -130,7 +130,7 @@ def measure(metric: str, recipe: ClaimRecipe, t: Trained, data: PreparedData, sh
     size = data.image_size
     test_acc = accuracy(predict_proba(t.model, x, size, device=device), y)
     result = Result(test_acc, test_acc, param_counts(t.model.net)["total"], t.train_time_s, t.rows,
-                    steps_to_target=steps_to(t.rows, target), precision=t.precision)
+                    steps_to_target=steps_to(t.rows, target), run_params=t.run_params)
     if metric == "shift_drop":
         for k in shifts:
             moved = [shift(x, dx, dy) for dx, dy in {(k, 0), (-k, 0), (0, k), (0, -k)}]

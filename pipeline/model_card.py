@@ -43,20 +43,18 @@ def scratch_cnn(params: dict[str, str], section: str) -> str:
     return params.get("model.preset", "the model section's CNN") if name == "model" else name
 
 
-def recipe(meta: ModelMeta, params: dict[str, str]) -> list[str]:
-    """The params keys that made this model, in order: its stage's and strategy's, the precision it trained in
-    (what `auto` chose, when the run recorded it), never another strategy's or the data's."""
-    wanted = COMMON + BY_STRATEGY.get(meta.strategy if meta.stage != "train_scratch" else None, ())
-    keys = [k for k in sorted(params) if k.split(".")[-1] in wanted and not k.startswith(("data.", "claims."))]
-    if meta.stage != "train_scratch":  # the sweep's own section, not train: or model: (unless scratch uses it)
-        keys = [k for k in keys if not k.startswith(("train.", "model.", "augment"))]
-        if meta.strategy == "scratch" and params.get(next((k for k in params if k.endswith(".scratch_model")), ""),
-                                                     "") == "model":
-            keys.append("model.preset")
-    else:
-        keys = [k for k in keys if k.startswith(("train.", "model.", "augment."))]
+def recipe(meta: ModelMeta, params: dict[str, str], section: str) -> list[str]:
+    """The params keys that made this model, in order: train_scratch's train:, model: and augment: keys, or the
+    sweep's own section (`section`, plus model.preset when its scratch CNN is the model section's), each
+    strategy's own keys only, then the precision it trained in (what `auto` chose, when the run recorded it)."""
+    scratch = meta.stage == "train_scratch"
+    wanted = COMMON + BY_STRATEGY.get(None if scratch else meta.strategy, ())
+    own = ("train.", "model.", "augment.") if scratch else (f"{section}.",)
+    keys = [k for k in sorted(params) if k.startswith(own) and k.split(".")[-1] in wanted]
+    if meta.strategy == "scratch" and not scratch and params.get(f"{section}.scratch_model") == "model":
+        keys.append("model.preset")
     precision = "trainer.precision_used" if "trainer.precision_used" in params else "trainer.precision"
-    return keys + ([precision] if precision in params else [])
+    return [k for k in [*keys, precision] if k in params]
 
 
 def _fmt(value) -> str:
@@ -69,8 +67,8 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
     `spread`: the sweep's spread of this strategy at this N (transfer models), or None."""
     source = data.get("source", "?")
     details = data.get("source_details", {})
-    recipe_keys = recipe(meta, params)
     section = next((k.split(".")[0] for k in params if k.endswith(".backbone")), "transfer")
+    recipe_keys = recipe(meta, params, section)
     if meta.stage == "train_scratch":
         what = meta.name
     elif meta.strategy == "scratch":
@@ -100,7 +98,7 @@ def card(meta: ModelMeta, result: dict, data: dict, params: dict[str, str], spre
         lines.append(f"- Source: npm `{details['package']}` ({details.get('license')}; photos from the IFCT 2017 "
                      "book), fetched at run time, deduplicated by content.")
     if recipe_keys:
-        lines.append("- Recipe: " + ", ".join(f"{k} {params[k]}" for k in recipe_keys if k in params) + ".")
+        lines.append("- Recipe: " + ", ".join(f"{k} {params[k]}" for k in recipe_keys) + ".")
     lines += ["", "## Evaluation", f"On the untouched test split of its task ({result.get('test_images')} images):",
               "", "| metric | value |", "|---|---|"]
     for key in ("accuracy", "top_3_accuracy", "top_2_accuracy", "f1_macro", "ece", "latency_ms_p50",

@@ -132,7 +132,7 @@ def publish(p: params_mod.Params, parent: str, results: dict, recipes: dict, sum
                     tracking.log_params(run_id, params_mod.flatten({"recipe": recipes[cid][arm]})
                                         | {"claim": cid, "arm": arm, "seed": p.seed + s, "metric": claim.metric,
                                            "expects": claim.expects}
-                                        | ({"trainer.precision_used": r.precision} if r.precision else {}))
+                                        | r.run_params)
                     log_result(run_id, claim.metric, r)
                     tracking.log_artifact(run_id, PLOTS / f"{cid}.png", "claims")
     tracking.log_artifact(parent, METRICS, "claims")

@@ -62,6 +62,11 @@ class FitConfig:
                    limit_train_batches=train.limit_train_batches, **overrides)
 
 
+def trained_with(world_size: int, precision) -> dict[str, str]:
+    """The params a training's run gets from its Trainer: the processes DDP started, the precision auto chose."""
+    return {"trainer.world_size": str(world_size), "trainer.precision_used": str(precision)}
+
+
 @dataclass
 class FitResult:
     """What a training did: a row per epoch, its best epoch, time, processes, its MLflow run and checkpoint."""
@@ -73,6 +78,11 @@ class FitResult:
     precision: str = "32-true"  # the precision Lightning trained in (what `auto` chose)
     run_id: str | None = None
     checkpoint_dir: Path | None = None  # best.ckpt and last.ckpt, kept for the caller (keep_checkpoint)
+
+    @property
+    def run_params(self) -> dict[str, str]:
+        """What its MLflow run gets from the Trainer (a sweep's runs are recorded after the training)."""
+        return trained_with(self.world_size, self.precision)
 
     @property
     def epochs_run(self) -> int:
@@ -292,7 +302,7 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: 
     trainer, recorder = build_trainer(config, resume.folder, logger, save_last=bool(config.resume_key or keep_checkpoint),
                                       model=module)
     if run_id:  # the processes DDP starts, and the precision auto chose
-        tracking.log_params(run_id, {"trainer.world_size": trainer.world_size, "trainer.precision_used": trainer.precision})
+        tracking.log_params(run_id, trained_with(trainer.world_size, trainer.precision))
     if config.trainer.channels_last:  # NHWC convolution weights: activations follow (the oneDNN and cuDNN rule)
         module.to(memory_format=torch.channels_last)
     if config.trainer.compile:  # beside the model, not in it: checkpoints and the logged model stay plain

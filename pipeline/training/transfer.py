@@ -319,12 +319,12 @@ def train_one(s: Setup, strategy: str, pt: Point) -> Trained:
     row = {"target_per_class": pt.n, "seed": pt.seed, "strategy": strategy, "test_acc": round(test_acc, 6),
            "images": hashlib.sha256(pt.train.tobytes()).hexdigest()[:12],  # which images this point trained on
            "best_val_acc": round(result.best_val_acc, 6), "train_time_s": round(result.train_time_s, 2),
-           "epochs": result.epochs_run, "precision": result.precision, "params_trainable": sum(p.numel() for p in model.parameters()
-                                                                if p.requires_grad)}
+           "epochs": result.epochs_run, "precision": result.precision,
+           "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     run_id = None
     if is_rank_zero():
         run = _run(s, pt, strategy)
-        run.params.update({"trainer.precision_used": result.precision, "trainer.world_size": result.world_size})
+        run.params.update(result.run_params)
         run_id = tracking.record_run(run, result.rows, {
             "target_test_acc": test_acc, "best_val_acc": result.best_val_acc, "epochs_run": result.epochs_run,
             "train_time_s": result.train_time_s})

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import re
 import shlex
+import sys
+import sysconfig
 from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OWN = {"cnn-pipeline", "pip", "setuptools", "wheel"}  # the project itself and pip's own tools are not pinned
+OWN = {"cnn-pipeline", "pip"}  # the project itself and the venv's own pip are not pinned
 
 
 def canonical(name: str) -> str:
@@ -31,8 +33,26 @@ def pinned() -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
+    """What pip installed into this environment: the distributions in its site-packages.
+
+    Not everything importlib sees: setuptools (>= 71) appends its `_vendor` folder to sys.path when imported, and
+    the copies vendored there (jaraco.*, tomli, ...) are setuptools' own, not the environment's.
+    """
+    site = {Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")}
     return {canonical(d.metadata["Name"]): d.version for d in metadata.distributions()
-            if canonical(d.metadata["Name"]) not in OWN}
+            if Path(d.locate_file("")).resolve() in site and canonical(d.metadata["Name"]) not in OWN}
+
+
+def test_vendored_copies_are_not_counted_as_installed():
+    """Importing setuptools puts its vendored packages on sys.path; they are not the environment's."""
+    import setuptools  # noqa: F401  (the import is the point)
+
+    vendored = Path(setuptools.__file__).parent / "_vendor"
+    seen = [Path(d.locate_file("")).resolve() for d in metadata.distributions()]
+    if vendored.is_dir() and str(vendored) in sys.path:
+        assert vendored.resolve() in seen  # the case the filter is for really happens here
+    assert "setuptools" in installed(), "setuptools itself is installed and pinned"
+    assert not set(installed()) - set(pinned())
 
 
 def test_every_installed_package_is_at_its_pinned_version():

@@ -116,6 +116,38 @@ def test_impossible_layer_stack_stops_the_stage(tmp_path, tiny_prepared, run_sta
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_evaluate_publishes_its_outputs_as_one_set(tmp_path, monkeypatch, mlflow_store, tiny_prepared):
+    """A failure late in evaluate (here while it times the ONNX export, after every report is written) leaves
+    the previous run's reports, model cards, ONNX files and metrics exactly as they were: all or nothing."""
+    from pipeline.data import augment as aug
+    from pipeline.stages import evaluate, train_scratch
+
+    monkeypatch.chdir(tmp_path)
+    tiny_prepared.save(tmp_path / "data/prepared")
+    aug.save(aug.build(AugmentParams(), 0))
+    train_scratch.run(parse({"train": {"epochs": 1, "batch_size": 32, "warmup_epochs": 0}}))
+    p = parse({"evaluate": {"latency_runs": 3, "warmup_runs": 1}})
+    first = evaluate.run(p)
+    assert "onnx" in first and (tmp_path / "reports/evaluate/seed_mnist/model_card.md").exists()
+    outputs = [tmp_path / "metrics", tmp_path / "reports", tmp_path / "models/onnx"]
+
+    def snapshot() -> dict:
+        return {f.relative_to(tmp_path): f.read_bytes() for d in outputs for f in sorted(d.rglob("*")) if f.is_file()}
+
+    before = snapshot()
+    assert any(path.suffix == ".onnx" for path in before) and any(path.name == "model_card.md" for path in before)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("killed while timing the ONNX export")
+
+    monkeypatch.setattr(evaluate, "onnx_latency_ms", broken)
+    with pytest.raises(RuntimeError, match="killed while timing"):
+        evaluate.run(p)
+    assert snapshot() == before
+    leftovers = [f for d in [tmp_path, *outputs] for f in d.iterdir() if f.name.startswith(".") and f.name != ".cache"]
+    assert not leftovers, leftovers  # no staged file or folder left behind
+
+
 def test_champion_moves_only_to_a_version_at_least_as_accurate(tmp_path, monkeypatch, mlflow_store, tiny_prepared,
                                                                 capsys):
     """First, worse (stays), a newer one equally accurate (moves: "at least as accurate"), an older tie

@@ -100,9 +100,9 @@ def int8_figures(model: Classifier, x: np.ndarray, y: np.ndarray, probs: np.ndar
                 model.cpu(), shape, e.latency_runs, e.warmup_runs, torch.device("cpu"))["latency_ms_p50"]}
 
 
-def write_reports(name: str, m: Measured, worst: int, stage) -> list[Path]:
+def write_reports(name: str, m: Measured, worst: int, stage) -> tuple[Path, list[Path]]:
     """The model's per-class CSV, confusion matrices, worst images and predictions CSV (a DVC plot), staged
-    in an atomic set; returns the staged report files."""
+    in an atomic set; returns the staged report folder and its files."""
     out, names, probs, y = stage(REPORT_DIR / name, folder=True), m.meta.class_names, m.probs, m.y
     cm = m.report["confusion"]
     write_csv(out / "per_class.csv", m.report["per_class"])
@@ -120,12 +120,14 @@ def write_reports(name: str, m: Measured, worst: int, stage) -> list[Path]:
             out / "most_confident_errors.png", cols=8, suptitle=f"{name}: most confidently wrong (true->pred)"))
     write_csv(stage(PREDICTIONS_DIR / f"{name}.csv"),
               [{"actual": names[t], "predicted": names[p]} for t, p in zip(y, pred, strict=True)])
-    return [*files, out / "per_class.csv"]
+    return out, [*files, out / "per_class.csv"]
 
 
 def run(p: params_mod.Params) -> dict:
-    """Every model file on its task's test split: all measured first, then all reports written, then all logged
-    to each model's MLflow run (a run that cannot be written to stops the stage with one line)."""
+    """Every model file on its task's test split: all measured, the champions crowned, the champions exported
+    to ONNX and the model cards written, then every local output published as one set (reports, cards, ONNX
+    files and metrics/evaluate.json with its `onnx` figures: all of this run's, or none), then all logged to each
+    model's MLflow run (a run that cannot be written to stops the stage with one line)."""
     data = {name: PreparedData.load(t.prepared) for name, t in tasks.TASKS.items()
             if any(t.models.glob("*.pt")) or name == "digits"}
     tracking.check_store()
@@ -133,9 +135,6 @@ def run(p: params_mod.Params) -> dict:
     measured = {meta.label: measure(path, model, meta, data[meta.task], p.evaluate, device)
                 for path, model, meta in load_models()}
     results = {name: m.result for name, m in measured.items()}
-    with atomic_set() as stage:  # every model's reports and the metrics, or none of them
-        staged = {name: write_reports(name, m, p.evaluate.worst_images, stage) for name, m in measured.items()}
-        write_json(stage("metrics/evaluate.json"), results)
     for name, m in measured.items():
         r = m.result
         print(f"evaluate: {name}: test acc {r['accuracy']:.4f}, f1_macro {r['f1_macro']:.4f}, "
@@ -143,68 +142,76 @@ def run(p: params_mod.Params) -> dict:
               + (f"; int8: test acc {r['int8_accuracy']:.4f}, weights {r['int8_weights_mb']:.2f} MB (fp32 "
                  f"{r['fp32_weights_mb']:.2f}), {r['int8_latency_ms_p50']:.2f} ms" if "int8_accuracy" in r else ""),
               flush=True)
-        if r["mlflow_run_id"]:
-            files = [REPORT_DIR / name / f.name for f in staged[name]]
-            log_to_run(run_for(p, name, r["mlflow_run_id"], data[m.meta.task].data_hash), r, files)
         champion(m, data[m.meta.task].data_hash, device)
-    exported = export_champions(measured, p.evaluate)
-    if exported:
-        results["onnx"] = exported
-        write_json("metrics/evaluate.json", results)
-    write_cards(measured)
+    with atomic_set() as stage:  # every model's reports, card, the ONNX files and the metrics, or none of them
+        staged = {name: write_reports(name, m, p.evaluate.worst_images, stage) for name, m in measured.items()}
+        cards = write_cards(measured, {name: folder for name, (folder, _) in staged.items()})
+        exported = export_champions(measured, p.evaluate, stage(ONNX_DIR, folder=True))
+        if exported:
+            results["onnx"] = exported
+        write_json(stage("metrics/evaluate.json"), results)
+    for name, m in measured.items():  # published: now the runs get the files, from where they stay
+        r = m.result
+        if r["mlflow_run_id"]:
+            files = [REPORT_DIR / name / f.name for f in staged[name][1]]
+            log_to_run(run_for(p, name, r["mlflow_run_id"], data[m.meta.task].data_hash), r, files)
+    for name, (run_id, registered, version, text) in cards.items():
+        tracking.describe(run_id, registered, version, text)
+        tracking.log_artifact(run_id, REPORT_DIR / name / "model_card.md", "evaluate")
+    for name, f in exported.items():
+        tracking.log_artifact(measured[name].meta.mlflow_run_id, ONNX_DIR / f"{f['registered_model']}.onnx", "onnx")
     return results
 
 
-def export_champions(measured: dict[str, Measured], e) -> dict:
-    """Each registered model's champion, when it is one of these models, as ONNX (models/onnx/<name>.onnx),
-    checked against PyTorch on its test split with onnxruntime, timed beside it, and logged to its run beside
-    the PyTorch model. A model that cannot be exported is one line; the stage goes on."""
-    from pipeline.atomic import atomic_dir
-
-    out, figures = {}, {}
-    with atomic_dir(ONNX_DIR) as folder:
-        for name, m in measured.items():
-            registered, run_id = m.meta.registered_model, m.meta.mlflow_run_id
-            version = tracking.version_of_run(registered, run_id) if registered and run_id else None
-            if version is None or tracking.champion_version(registered) != version:
-                continue
-            path = folder / f"{registered}.onnx"
-            shape = (m.x.shape[-1], m.meta.image_size, m.meta.image_size)
-            try:
-                export_onnx(m.model, shape, path)
-                session = onnx_session(path)
-                logits = onnx_logits(session, m.x, m.meta.image_size, e.batch_size)
-            except Exception as exc:  # an exporter or runtime that cannot take this model: one line
-                reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
-                print(f"evaluate: {registered} v{version} ({name}) not exported to ONNX: {reason.splitlines()[0][:200]}",
-                      flush=True)
-                path.unlink(missing_ok=True)
-                continue
-            with torch.no_grad():
-                torch_logits = torch.cat([m.model(to_float(m.x[i : i + 64], m.meta.image_size))
-                                          for i in range(0, len(m.x), 64)]).numpy()
-            figures[name] = {
-                "registered_model": registered, "version": version, "file_mb": round(path.stat().st_size / 2**20, 3),
-                "accuracy_torch": accuracy(torch_logits, m.y), "accuracy_onnx": accuracy(logits, m.y),
-                "max_abs_logit_diff": float(np.abs(logits - torch_logits).max()),
-                "latency_ms_p50_onnxruntime": onnx_latency_ms(session, shape, e.latency_runs, e.warmup_runs),
-                "latency_ms_p50_torch": latency_ms(m.model.cpu(), shape, e.latency_runs, e.warmup_runs,
-                                                   torch.device("cpu"))["latency_ms_p50"]}
-            out[name] = path.name
+def export_champions(measured: dict[str, Measured], e, folder: Path) -> dict:
+    """Each registered model's champion, when it is one of these models, as ONNX (`folder`/<name>.onnx, staged
+    for models/onnx/), checked against PyTorch on its test split with onnxruntime and timed beside it (`run`
+    logs it to its run beside the PyTorch model once published). A model that cannot be exported is one line;
+    the stage goes on."""
+    figures = {}
+    for name, m in measured.items():
+        registered, run_id = m.meta.registered_model, m.meta.mlflow_run_id
+        version = tracking.version_of_run(registered, run_id) if registered and run_id else None
+        if version is None or tracking.champion_version(registered) != version:
+            continue
+        path = folder / f"{registered}.onnx"
+        shape = (m.x.shape[-1], m.meta.image_size, m.meta.image_size)
+        try:
+            export_onnx(m.model, shape, path)
+            session = onnx_session(path)
+            logits = onnx_logits(session, m.x, m.meta.image_size, e.batch_size)
+        except Exception as exc:  # an exporter or runtime that cannot take this model: one line
+            reason = str(exc) if isinstance(exc, PipelineError) else f"{type(exc).__name__}: {exc}"
+            print(f"evaluate: {registered} v{version} ({name}) not exported to ONNX: {reason.splitlines()[0][:200]}",
+                  flush=True)
+            path.unlink(missing_ok=True)
+            continue
+        with torch.no_grad():
+            torch_logits = torch.cat([m.model(to_float(m.x[i : i + 64], m.meta.image_size))
+                                      for i in range(0, len(m.x), 64)]).numpy()
+        figures[name] = {
+            "registered_model": registered, "version": version, "file_mb": round(path.stat().st_size / 2**20, 3),
+            "accuracy_torch": accuracy(torch_logits, m.y), "accuracy_onnx": accuracy(logits, m.y),
+            "max_abs_logit_diff": float(np.abs(logits - torch_logits).max()),
+            "latency_ms_p50_onnxruntime": onnx_latency_ms(session, shape, e.latency_runs, e.warmup_runs),
+            "latency_ms_p50_torch": latency_ms(m.model.cpu(), shape, e.latency_runs, e.warmup_runs,
+                                               torch.device("cpu"))["latency_ms_p50"]}
     for name, f in figures.items():
         print(f"evaluate: {f['registered_model']} v{f['version']} ({name}) as ONNX: test acc {f['accuracy_onnx']:.4f} "
               f"(PyTorch {f['accuracy_torch']:.4f}), logits within {f['max_abs_logit_diff']:.1e}, latency "
               f"{f['latency_ms_p50_onnxruntime']:.2f} ms in onnxruntime vs {f['latency_ms_p50_torch']:.2f} ms", flush=True)
-        tracking.log_artifact(measured[name].meta.mlflow_run_id, ONNX_DIR / out[name], "onnx")
     return figures
 
 
-def write_cards(measured: dict[str, Measured]) -> None:
-    """Each model's card: beside its reports, as its registered version's description and its run's note."""
+def write_cards(measured: dict[str, Measured], folders: dict[str, Path]) -> dict[str, tuple]:
+    """Each model's card, in its staged report folder (`folders`, published with the reports); returns, per
+    model with a run in this store, what `run` gives MLflow once published: its version's description and its
+    run's note."""
     import json
 
     from pipeline.model_card import card
 
+    out = {}
     for name, m in measured.items():
         task = tasks.TASKS[m.meta.task]
         data = json.loads(task.data_metrics.read_text()) if task.data_metrics.exists() else {}
@@ -217,10 +224,10 @@ def write_cards(measured: dict[str, Measured]) -> None:
         params = tracking.client().get_run(run_id).data.params if present else {}
         version = tracking.version_of_run(registered, run_id) if present and registered else None
         text = card(m.meta, m.result, data, params, spread, version, registered)
-        write_text(REPORT_DIR / name / "model_card.md", text)
+        write_text(folders[name] / "model_card.md", text)
         if present:
-            tracking.describe(run_id, registered, version, text)
-            tracking.log_artifact(run_id, REPORT_DIR / name / "model_card.md", "evaluate")
+            out[name] = (run_id, registered, version, text)
+    return out
 
 
 def champion(m: Measured, data_hash: str, device: torch.device) -> None:

@@ -144,8 +144,8 @@ def test_evaluate_publishes_its_outputs_as_one_set(tmp_path, monkeypatch, mlflow
     with pytest.raises(RuntimeError, match="killed while timing"):
         evaluate.run(p)
     assert snapshot() == before
-    leftovers = [f for d in [tmp_path, *outputs] for f in d.iterdir() if f.name.startswith(".") and f.name != ".cache"]
-    assert not leftovers, leftovers  # no staged file or folder left behind
+    leftovers = [f for d in [tmp_path / "metrics", tmp_path / "reports", tmp_path / "models"] for f in d.rglob(".*")]
+    assert not leftovers, leftovers  # no staged file or folder left behind, at any depth
 
 
 def test_champion_moves_only_to_a_version_at_least_as_accurate(tmp_path, monkeypatch, mlflow_store, tiny_prepared,

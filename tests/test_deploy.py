@@ -35,6 +35,30 @@ def trained(tiny_prepared, tmp_path_factory):
     return model.eval()
 
 
+def test_predictions_run_channels_last_and_match_a_plain_forward(trained, tiny_prepared):
+    """predict_logits runs the convolutions in NHWC (the fast layout) and gives what the model gives in NCHW;
+    the model's weights keep their own layout."""
+    import copy
+
+    from pipeline.predict import predict_logits, predict_proba, to_float
+
+    model = copy.deepcopy(trained).to(memory_format=torch.contiguous_format)
+    x = tiny_prepared.x["test"][:40]
+    with torch.no_grad():
+        plain = model(to_float(x, 28)).numpy()
+    seen = []  # the layout of the second convolution's input and weights (a 1-channel tensor is both layouts)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1)
+    hook = conv.register_forward_hook(lambda m, inp, _o: seen.append(all(
+        t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in (inp[0], m.weight))))
+    logits = predict_logits(model, x, 28, batch_size=16)
+    hook.remove()
+    assert logits.shape == plain.shape and np.abs(logits - plain).max() < 1e-4
+    assert np.allclose(predict_proba(model, x, 28).sum(1), 1, atol=1e-5)
+    assert seen == [True] * 3  # 40 images in batches of 16, each NHWC
+    convs = [w for w in model.parameters() if w.dim() == 4 and w.shape[1] > 1]
+    assert convs and all(w.is_contiguous() for w in convs)  # given back in NCHW
+
+
 def test_gradcam_maps_have_the_images_size_differ_by_class_and_are_not_uniform(trained, tiny_prepared):
     from pipeline.gradcam import heatmaps
 

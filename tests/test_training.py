@@ -189,6 +189,10 @@ def test_champion_moves_only_to_a_version_at_least_as_accurate(tmp_path, monkeyp
     line = crown("cnn-pipeline-scratch", "1", first, test, "hash", torch.device("cpu"))
     assert line == f"cnn-pipeline-scratch: champion stays v3 (test acc {third:.4f} on these images; v1: {first:.4f})"
     assert str(client.get_model_version_by_alias("cnn-pipeline-scratch", "champion").version) == "3"
+    # a champion evaluated in the same run is compared by what it measured there, not loaded and measured again
+    v3_run = client.get_model_version("cnn-pipeline-scratch", "3").run_id
+    line = crown("cnn-pipeline-scratch", "1", first, test, "hash", torch.device("cpu"), {v3_run: 1.0})
+    assert line == f"cnn-pipeline-scratch: champion stays v3 (test acc 1.0000 on these images; v1: {first:.4f})"
     fourth, out = version({"epochs": 8, "lr": 0.003})  # trained longer: better
     assert fourth > third
     assert f"evaluate: cnn-pipeline-scratch: champion moves from v3 ({third:.4f}) to v4 ({fourth:.4f})" in out

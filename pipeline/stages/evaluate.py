@@ -27,7 +27,7 @@ from pipeline.fundamentals.summary import param_counts
 from pipeline.models import checkpoint, loading
 from pipeline.models.cnn import Classifier
 from pipeline.outputs import check_writable
-from pipeline.predict import accuracy, device_for, predict_proba, to_float
+from pipeline.predict import accuracy, device_for, predict_logits, predict_proba, softmax
 
 REPORT_DIR = Path("reports/evaluate")
 ONNX_DIR = Path("models/onnx")
@@ -46,7 +46,7 @@ class Measured:
     meta: checkpoint.ModelMeta
     result: dict  # the metrics of evaluate.json
     report: dict  # classification_report: per class, confusion
-    probs: np.ndarray
+    logits: np.ndarray  # what the PyTorch model output on x (the ONNX check compares against these)
     x: np.ndarray  # the test images it was measured on
     y: np.ndarray
 
@@ -72,7 +72,8 @@ def measure(path: Path, model: Classifier, meta: checkpoint.ModelMeta, data: Pre
     """Predictions, metrics and speed of one model on the test images of its classes (nothing written)."""
     mask = np.isin(data.y["test"], meta.class_ids)
     x_test, y_test = data.x["test"][mask], remap_labels(data.y["test"][mask], meta.class_ids)
-    probs = predict_proba(model, x_test, meta.image_size, e.batch_size, device)
+    logits = predict_logits(model, x_test, meta.image_size, e.batch_size, device)
+    probs = softmax(logits)
     report = classification_report(y_test, probs, meta.class_names, e.top_k, e.ece_bins)
     shape = (data.channels, meta.image_size, meta.image_size)
     speed = latency_ms(model, shape, e.latency_runs, e.warmup_runs, device)
@@ -86,7 +87,7 @@ def measure(path: Path, model: Classifier, meta: checkpoint.ModelMeta, data: Pre
               if k not in ("confusion", "per_class")}
     result |= {"task": meta.task, "device": device.type, "test_images": int(len(y_test)),
                "mlflow_run_id": meta.mlflow_run_id}
-    return Measured(path, model, meta, result, report, probs, x_test, y_test)
+    return Measured(path, model, meta, result, report, logits, x_test, y_test)
 
 
 def int8_figures(model: Classifier, x: np.ndarray, y: np.ndarray, probs: np.ndarray, size: int, shape, e) -> dict:
@@ -103,7 +104,7 @@ def int8_figures(model: Classifier, x: np.ndarray, y: np.ndarray, probs: np.ndar
 def write_reports(name: str, m: Measured, worst: int, stage) -> tuple[Path, list[Path]]:
     """The model's per-class CSV, confusion matrices, worst images and predictions CSV (a DVC plot), staged
     in an atomic set; returns the staged report folder and its files."""
-    out, names, probs, y = stage(REPORT_DIR / name, folder=True), m.meta.class_names, m.probs, m.y
+    out, names, probs, y = stage(REPORT_DIR / name, folder=True), m.meta.class_names, softmax(m.logits), m.y
     cm = m.report["confusion"]
     write_csv(out / "per_class.csv", m.report["per_class"])
     files = [
@@ -142,7 +143,7 @@ def run(p: params_mod.Params) -> dict:
               + (f"; int8: test acc {r['int8_accuracy']:.4f}, weights {r['int8_weights_mb']:.2f} MB (fp32 "
                  f"{r['fp32_weights_mb']:.2f}), {r['int8_latency_ms_p50']:.2f} ms" if "int8_accuracy" in r else ""),
               flush=True)
-        champion(m, data[m.meta.task].data_hash, device)
+        champion(m, data[m.meta.task].data_hash, device, measured)
     with atomic_set() as stage:  # every model's reports, card, the ONNX files and the metrics, or none of them
         staged = {name: write_reports(name, m, p.evaluate.worst_images, stage) for name, m in measured.items()}
         cards = write_cards(measured, {name: folder for name, (folder, _) in staged.items()})
@@ -186,9 +187,7 @@ def export_champions(measured: dict[str, Measured], e, folder: Path) -> dict:
                   flush=True)
             path.unlink(missing_ok=True)
             continue
-        with torch.no_grad():
-            torch_logits = torch.cat([m.model(to_float(m.x[i : i + 64], m.meta.image_size))
-                                      for i in range(0, len(m.x), 64)]).numpy()
+        torch_logits = m.logits
         figures[name] = {
             "registered_model": registered, "version": version, "file_mb": round(path.stat().st_size / 2**20, 3),
             "accuracy_torch": accuracy(torch_logits, m.y), "accuracy_onnx": accuracy(logits, m.y),
@@ -230,8 +229,9 @@ def write_cards(measured: dict[str, Measured], folders: dict[str, Path]) -> dict
     return out
 
 
-def champion(m: Measured, data_hash: str, device: torch.device) -> None:
-    """The registered model's champion alias, moved to this model's version when it earns it."""
+def champion(m: Measured, data_hash: str, device: torch.device, measured: dict[str, Measured]) -> None:
+    """The registered model's champion alias, moved to this model's version when it earns it (a champion among
+    the `measured` models of the same task and classes is compared by what it measured now)."""
     name, run_id = m.meta.registered_model, m.meta.mlflow_run_id
     if not name or not run_id:
         return
@@ -240,7 +240,11 @@ def champion(m: Measured, data_hash: str, device: torch.device) -> None:
         print(f"evaluate: {name}: the version of run {run_id} is not registered in this tracking store; the "
               "champion is left as it is", flush=True)
         return
-    line = crown(name, version, m.result["accuracy"], (m.x, m.y, m.meta.image_size), data_hash, device)
+    same_images = {o.meta.mlflow_run_id: o.result["accuracy"] for o in measured.values()
+                   if o.meta.mlflow_run_id and o.meta.task == m.meta.task
+                   and list(o.meta.class_ids) == list(m.meta.class_ids)}
+    line = crown(name, version, m.result["accuracy"], (m.x, m.y, m.meta.image_size), data_hash, device,
+                 same_images)
     holder = tracking.champion_version(name)
     tags = tracking.client().get_model_version(name, holder).tags if holder else {}
     what = tags.get("strategy", tags.get("stage", "?"))

@@ -48,6 +48,8 @@ BENCHMARKS = [
     Benchmark("roofline_bf16", 0.0, "the same in bf16 mixed precision / a 2048^3 bfloat16 matmul (printed)",
               suite.roofline_bf16),
     Benchmark("bf16_step", 2.5, "steps/s of the seed CNN at batch 128: bf16 autocast / fp32", suite.bf16_step),
+    Benchmark("predict_layout", 1.0, "images/s of prediction, EfficientNet-Lite0 at 224 px: channels-last (what the "
+              "stages run) / NCHW", suite.predict_layout),
     Benchmark("time_to_accuracy", 3.0, "seconds to 99.2% test accuracy on full MNIST: the recipe before "
               "(3 epochs, fp32) / today's mnist_full", suite.time_to_accuracy, full_only=True, rounds=2,
               warmup=False),

@@ -372,3 +372,33 @@ def time_to_accuracy(quick: bool):
         return 1.0 / m["seconds"] if m["seconds"] else 0.0
 
     return (lambda: rate(False)), (lambda: rate(True))
+
+
+# ------------------------------------------------------------------------------------------ predict_layout
+def predict_layout(quick: bool):
+    """Images/s of prediction (what evaluate, explain, the champion check and the sweeps' test accuracies run):
+    predict_logits, channels-last, / the same model and batches in NCHW. EfficientNet-Lite0 at the photo task's
+    224 px (96 px quick), the costliest model the stages predict with."""
+    from pipeline.models.transfer import TransferNet
+    from pipeline.predict import predict_logits, to_float
+
+    size, n = (96, 32) if quick else (224, 64)
+    net = TransferNet("efficientnet_lite0", 5, 128, 0.0, size, 3).eval()
+    images = np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+    def nhwc() -> float:
+        start = time.perf_counter()
+        predict_logits(net, images, size, device=DEVICE)
+        sync()
+        return n / (time.perf_counter() - start)
+
+    @torch.no_grad()
+    def nchw() -> float:
+        model = net.to(DEVICE).to(memory_format=torch.contiguous_format)
+        start = time.perf_counter()
+        for i in range(0, n, 64):
+            model(to_float(images[i : i + 64], size).to(DEVICE)).float().cpu()
+        sync()
+        return n / (time.perf_counter() - start)
+
+    return nhwc, nchw

@@ -17,6 +17,17 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
+# The files that take longest (`pytest --durations=0`, summed per file), longest first. xdist hands out whole
+# files (--dist loadfile) in collection order (--no-loadscope-reorder), so these start first and the short
+# files fill in around them: the longest-first rule that keeps two workers busy to the end. Others keep
+# pytest's order after them.
+LONGEST_FIRST = ("test_pipeline_e2e.py", "test_scale.py", "test_reliability.py", "test_training.py",
+                 "test_benchmarks.py", "test_transfer.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order inside a file stays
 
 
 def run_module(module: str, cwd: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -43,30 +54,35 @@ class StageRun:
 @pytest.fixture
 def run_stage(monkeypatch, capsys):
     """A stage's main() in process, in `folder`, as `python -m pipeline.stages.<stage> [args]` would run it there
-    (params.yaml read and checked, one-line errors and their exit codes), without a new interpreter: the tests
-    that are about what a stage does, not about DVC or a process, need not pay torch's import each time."""
+    (params.yaml read and checked, one-line errors and their exit codes; an uncaught exception is exit 1 and its
+    traceback on stderr, as the interpreter does), without a new interpreter: the tests that are about what a
+    stage does, not about DVC or a process, need not pay torch's import each time. `stage` may also name another
+    entry point by its module (`benchmarks.time_to_accuracy`)."""
     import importlib
     import inspect
     import signal
+    import traceback
 
     def run(folder: Path, stage: str, *args: str, env: dict | None = None) -> StageRun:
         monkeypatch.chdir(folder)  # the folder's own store, unless the test's (mlflow_store) or env names one
         for key, value in (env or {}).items():
             monkeypatch.setenv(key, value)
-        module = importlib.import_module(f"pipeline.stages.{stage}")
+        module = importlib.import_module(stage if "." in stage else f"pipeline.stages.{stage}")
         handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         capsys.readouterr()
-        code = 0
+        code, crash = 0, ""
         try:
             takes_argv = "argv" in inspect.signature(module.main).parameters
-            module.main(list(args)) if takes_argv else module.main()
+            code = (module.main(list(args)) if takes_argv else module.main()) or 0
         except SystemExit as exit_:
             code = int(exit_.code or 0)
+        except Exception:
+            code, crash = 1, traceback.format_exc()
         finally:  # stage_main installs its own signal handlers: pytest gets its own back
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)
         captured = capsys.readouterr()
-        return StageRun(code, captured.out, captured.err)
+        return StageRun(code, captured.out, captured.err + crash)
 
     return run
 

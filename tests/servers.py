@@ -34,9 +34,12 @@ def mlflow_server(backend_uri: str, artifacts: Path, admin_password: str | None 
     args = []
     if admin_password:
         config = artifacts.parent / "basic_auth.ini"
+        # auth_cache_ttl_seconds: MLflow's cache of accepted passwords; without it every request of a training
+        # pays the deliberately slow password hash again (about a second each on these 2 cores)
         config.write_text("[mlflow]\ndefault_permission = READ\n"
                           f"database_uri = sqlite:///{artifacts.parent / 'auth.db'}\nadmin_username = admin\n"
-                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                          "auth_cache_ttl_seconds = 60\n")
         args = ["--app-name", "basic-auth"]
         env |= {"MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
                 "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import subprocess
 
-from tests.conftest import REPO, run_module
+from tests.conftest import PYTHON, REPO, run_module
 
 
 def test_harness_prints_rounds_and_the_greppable_line():
@@ -20,31 +21,30 @@ def test_harness_prints_rounds_and_the_greppable_line():
     assert (final.group(2) == "met") == (float(final.group(1)) >= 0.9)
 
 
-def test_a_misspelt_benchmark_name_is_one_line_and_runs_nothing():
-    out = run_module("benchmarks", REPO, "--only", "roofline", "rooflin")
-    assert out.returncode == 2
-    assert "--only: unknown benchmark 'rooflin'; known: lightning_step" in out.stderr
-    assert "roofline:" not in out.stdout  # nothing measured before the error
-    out = run_module("benchmarks", REPO, "--quick", "--only", "roofline", "time_to_accuracy")
-    assert out.returncode == 2 and "--only time_to_accuracy: runs in full mode only" in out.stderr
+def test_a_misspelt_benchmark_name_is_one_line_and_runs_nothing(run_stage):
+    """In process (run_stage): the argument checks come before any measurement, so they need no new
+    interpreter and its torch import."""
+    r = run_stage(REPO, "benchmarks.__main__", "--only", "roofline", "rooflin")
+    assert r.code == 2
+    assert "--only: unknown benchmark 'rooflin'; known: lightning_step" in r.err
+    assert "roofline:" not in r.out  # nothing measured before the error
+    r = run_stage(REPO, "benchmarks.__main__", "--quick", "--only", "roofline", "time_to_accuracy")
+    assert r.code == 2 and "--only time_to_accuracy: runs in full mode only" in r.err
 
 
-def test_time_to_accuracy_names_a_misspelt_params_key_and_its_likely_meaning():
-    import subprocess
-
-    from tests.conftest import PYTHON
-
-    def tta(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([PYTHON, "benchmarks/time_to_accuracy.py", *args], cwd=REPO, capture_output=True,
-                              text=True, timeout=300)
-
-    out = tta("--set", "trian.lr=0.1")
+def test_time_to_accuracy_names_a_misspelt_params_key_and_its_likely_meaning(run_stage):
+    r = run_stage(REPO, "benchmarks.time_to_accuracy", "--set", "trian.lr=0.1")
+    assert r.code == 2 and "Traceback" not in r.err, r.err[-2000:]
+    assert r.err.strip().splitlines()[-1].startswith("error: --set trian.lr: no such params key; did you mean")
+    assert "train.lr" in r.err
+    r = run_stage(REPO, "benchmarks.time_to_accuracy", "--set", "train.lr")
+    assert r.code == 2 and "expected KEY=VALUE" in r.err
+    r = run_stage(REPO, "benchmarks.time_to_accuracy", "--set", "model.blocks.5=3")
+    assert r.code == 2 and "model.blocks has 3 items" in r.err and "Traceback" not in r.err
+    r = run_stage(REPO, "benchmarks.time_to_accuracy", "--set", "train.lr=-1")
+    assert r.code == 2 and "train.lr must be > 0" in r.err and "Traceback" not in r.err
+    # The script itself, as the README runs it: the same one line and exit code from a new interpreter.
+    out = subprocess.run([PYTHON, "benchmarks/time_to_accuracy.py", "--set", "trian.lr=0.1"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("error: --set trian.lr: no such params key; did you mean")
-    assert "train.lr" in out.stderr
-    out = tta("--set", "train.lr")
-    assert out.returncode == 2 and "expected KEY=VALUE" in out.stderr
-    out = tta("--set", "model.blocks.5=3")
-    assert out.returncode == 2 and "model.blocks has 3 items" in out.stderr and "Traceback" not in out.stderr
-    out = tta("--set", "train.lr=-1")
-    assert out.returncode == 2 and "train.lr must be > 0" in out.stderr and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith("error: --set trian.lr: no such params key")

@@ -168,7 +168,8 @@ def test_dvc_plots_show_renders_every_declared_plot(repro, tmp_path):
 def test_a_dvc_remote_round_trip_and_an_ablation_experiment(repro, tmp_path):
     """The results committed as the baseline, pushed to a remote, cloned and pulled elsewhere: nothing reruns.
     There, `dvc exp run -S augment.enabled=false` is an ablation that `dvc metrics diff` and `dvc params diff`
-    show against that baseline."""
+    show against that baseline, and a queued experiment runs in DVC's temporary copy; each experiment links to
+    its MLflow run and back."""
     from mlflow import MlflowClient
 
     repo = copy_of(repro[0], tmp_path / "repo")
@@ -199,8 +200,35 @@ def test_a_dvc_remote_round_trip_and_an_ablation_experiment(repro, tmp_path):
     assert diff["final_train_loss"] == {"old": before["final_train_loss"], "new": after["final_train_loss"],
                                         "diff": pytest.approx(after["final_train_loss"] - before["final_train_loss"])}
     assert after["final_train_loss"] != before["final_train_loss"]
-    run = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}").get_run(after["mlflow_run_id"])
+    client = MlflowClient(f"sqlite:///{clone / 'mlflow.db'}")
+    run = client.get_run(after["mlflow_run_id"])
     assert run.data.params["augment.enabled"] == "False" and run.data.tags["dvc_experiment"] == "no-augment"
+    # A queued experiment (DVC's way to run a grid: celery workers) runs in a temporary copy under
+    # .dvc/tmp/exps/ that DVC deletes afterwards, as --temp ones do: its run must land in the clone's own store.
+    queued = dvc(clone, "exp", "run", "--queue", "train_scratch", "-n", "lr-queued", "-S", "train.lr=0.003")
+    assert queued.returncode == 0, queued.stderr[-2000:]
+    run_all = dvc(clone, "exp", "run", "--run-all")
+    dvc(clone, "queue", "stop")
+    assert run_all.returncode == 0, run_all.stdout[-3000:] + run_all.stderr[-3000:]
+    shown = json.loads(dvc(clone, "exp", "show", "--json").stdout)
+    experiments = {rev["name"]: rev["data"] for baseline in shown for exp in baseline.get("experiments") or []
+                   for rev in exp["revs"]}
+    assert {"no-augment", "lr-queued"} <= set(experiments)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    in_store = {r.info.run_id: r for r in client.search_runs(ids, "tags.stage = 'train_scratch'")}
+    for name, key, value in (("no-augment", "augment.enabled", "False"), ("lr-queued", "train.lr", "0.003")):
+        run_id = experiments[name]["metrics"]["metrics/train_scratch.json"]["data"]["mlflow_run_id"]
+        assert run_id in in_store, f"{name}: its run is not in the clone's store"  # DVC experiment -> MLflow run
+        run = in_store[run_id]
+        assert run.data.tags["dvc_experiment"] == name and run.data.params[key] == value  # and back
+        assert run.info.status == "FINISHED"
+    assert experiments["lr-queued"]["params"]["params.yaml"]["data"]["train"]["lr"] == 0.003
+    assert len([r for r in in_store.values() if r.data.tags.get("dvc_experiment") == "lr-queued"]) == 1
+    assert not list((clone / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+    # A queued experiment starts from the workspace, which the ablation left with augment.enabled false: the two
+    # experiments differ in the learning rate alone.
+    between = json.loads(dvc(clone, "params", "diff", "lr-queued", "no-augment", "--json").stdout)["params.yaml"]
+    assert set(between) == {"train.lr"} and between["train.lr"]["old"] == 0.003
 
 
 @pytest.mark.slow

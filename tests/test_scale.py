@@ -1,4 +1,5 @@
-"""Real parts at scale: an MLflow server (SQLite, PostgreSQL), its UI in Chromium, DDP, DVC experiments."""
+"""Real parts at scale: an MLflow server (SQLite, PostgreSQL, basic auth), its UI in Chromium, DDP (DVC's
+experiments and queue: tests/test_pipeline_e2e.py, on the reproduced pipeline)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import json
 import os
 import secrets
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import make_repo_copy, ready_to_train, run_module
+from tests.conftest import ready_to_train, run_module
 from tests.servers import mlflow_server, postgres_bin, postgres_cluster
 
 pytestmark = pytest.mark.slow
@@ -34,14 +33,18 @@ def prepared_repo(tmp_path_factory, tiny_prepared) -> Path:
     return ready_to_train(tmp_path_factory.mktemp("scale") / "repo", tiny_prepared)
 
 
-def train_tiny(prepared: Path, dest: Path, tracking_uri: str, **trainer) -> tuple[Path, str]:
-    """train_scratch in a copy of `prepared` at `dest`, logging to `tracking_uri`: (the copy, the run id)."""
+def train_tiny(prepared: Path, dest: Path, tracking_uri: str, run_stage=None, **trainer) -> tuple[Path, str]:
+    """train_scratch in a copy of `prepared` at `dest`, logging to `tracking_uri`: (the copy, the run id). In
+    process through `run_stage` when given (a server test is about the server, not about a new interpreter);
+    as `python -m` otherwise (DDP launches its ranks from the command line)."""
     repo = Path(shutil.copytree(prepared, dest))
     if trainer:
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["trainer"] |= trainer
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run_module("pipeline.stages.train_scratch", repo, env={"MLFLOW_TRACKING_URI": tracking_uri})
+    env = {"MLFLOW_TRACKING_URI": tracking_uri}
+    result = (run_stage(repo, "train_scratch", env=env) if run_stage
+              else run_module("pipeline.stages.train_scratch", repo, env=env))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return repo, json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
 
@@ -108,11 +111,11 @@ def browse_run(url: str, run_id: str, tmp_path: Path) -> list[Path]:
     return [tmp_path / name for name in ("experiment.png", "run.png", "artifacts.png")]
 
 
-def test_tracking_server_with_sqlite_and_its_ui(prepared_repo, tmp_path):
+def test_tracking_server_with_sqlite_and_its_ui(prepared_repo, tmp_path, run_stage):
     """A stage logs through `mlflow server` (SQLite); everything reads back, and the UI shows the run in a real
     browser (Debian's Chromium: skipped on a machine without it, required under CI)."""
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", tmp_path / "artifacts") as url:
-        _, run_id = train_tiny(prepared_repo, tmp_path / "repo", url)
+        _, run_id = train_tiny(prepared_repo, tmp_path / "repo", url, run_stage)
         assert_run_complete(url, run_id)
         assert any((tmp_path / "artifacts").rglob("layers.csv"))  # artifacts went through the server
         if not (CHROMIUM and CHROMEDRIVER) and not os.environ.get("CI"):
@@ -126,13 +129,13 @@ def test_tracking_server_with_sqlite_and_its_ui(prepared_repo, tmp_path):
 
 
 @unless_installed(postgres_bin() is not None, "PostgreSQL server binaries (postgresql)")
-def test_tracking_server_with_postgresql(prepared_repo, tmp_path):
+def test_tracking_server_with_postgresql(prepared_repo, tmp_path, run_stage):
     with postgres_cluster() as database, mlflow_server(database, tmp_path / "artifacts") as url:
-        _, run_id = train_tiny(prepared_repo, tmp_path / "repo", url)
+        _, run_id = train_tiny(prepared_repo, tmp_path / "repo", url, run_stage)
         assert_run_complete(url, run_id)
 
 
-def test_tracking_server_with_basic_auth(prepared_repo, tmp_path):
+def test_tracking_server_with_basic_auth(prepared_repo, tmp_path, run_stage):
     """MLflow's basic-auth app: anonymous requests are refused, a stage with credentials logs its run, a stage
     with a wrong password stops before training with one line."""
     import requests
@@ -144,14 +147,14 @@ def test_tracking_server_with_basic_auth(prepared_repo, tmp_path):
         repo = tmp_path / "repo"
         shutil.copytree(prepared_repo, repo)
         good = {"MLFLOW_TRACKING_URI": url, "MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": password}
-        result = run_module("pipeline.stages.train_scratch", repo, env=good)
+        result = run_stage(repo, "train_scratch", env=good)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         run_id = json.loads((repo / "metrics/train_scratch.json").read_text())["mlflow_run_id"]
         run = requests.get(f"{url}/api/2.0/mlflow/runs/get", params={"run_id": run_id}, auth=("admin", password),
                            timeout=10).json()["run"]
         assert run["info"]["status"] == "FINISHED"
         bad = good | {"MLFLOW_TRACKING_PASSWORD": "not-the-password"}
-        result = run_module("pipeline.stages.train_scratch", repo, env=bad)
+        result = run_stage(repo, "train_scratch", env=bad)
         assert result.returncode == 2
         assert result.stderr.strip() == (f"error: MLflow tracking server {url} refused user 'admin' (401); set "
                                          "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account of "
@@ -174,48 +177,3 @@ def test_ddp_on_two_cpu_processes_logs_one_run(prepared_repo, tmp_path):
     model, meta, _ = loading.load(repo / "models/scratch/model.pt")
     assert meta.mlflow_run_id == run_id
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 10)
-
-
-def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "CI": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    result = subprocess.run(["dvc", *args], cwd=repo, capture_output=True, text=True, env=env, timeout=1200)
-    assert result.returncode == 0, f"dvc {' '.join(args)}:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result
-
-
-def test_dvc_experiments_link_to_mlflow_runs(tmp_path):
-    from mlflow import MlflowClient
-
-    repo = make_repo_copy(tmp_path / "repo")
-    dvc(repo, "exp", "run", "train_scratch", "-n", "lr-high", "-S", "train.epochs=1", "-S", "train.lr=0.01")
-    # Queued experiments (DVC's way to run a grid: celery workers) run in a temporary copy under .dvc/tmp/exps/
-    # that DVC deletes afterwards, as --temp ones do: their runs must land in the repository's own store.
-    dvc(repo, "exp", "run", "--queue", "train_scratch", "-n", "lr-queued", "-S", "train.epochs=1",
-        "-S", "train.lr=0.003")
-    dvc(repo, "exp", "run", "--run-all")
-    subprocess.run(["dvc", "queue", "stop"], cwd=repo, capture_output=True, timeout=120,
-                   env=os.environ | {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
-    shown = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    experiments = {}
-    for baseline in shown:
-        for exp in baseline.get("experiments") or []:
-            for rev in exp["revs"]:
-                experiments[rev["name"]] = rev["data"]
-    assert {"lr-high", "lr-queued"} <= set(experiments)
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    for name, lr in (("lr-high", 0.01), ("lr-queued", 0.003)):
-        data = experiments[name]
-        assert data["params"]["params.yaml"]["data"]["train"]["lr"] == lr
-        metrics = data["metrics"]["metrics/train_scratch.json"]["data"]
-        run = client.get_run(metrics["mlflow_run_id"])  # DVC metrics -> MLflow run
-        assert run.data.tags["dvc_experiment"] == name  # MLflow run -> DVC experiment
-        assert run.data.params["train.lr"] == str(lr)
-    queued_runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                     "tags.dvc_experiment = 'lr-queued' and tags.stage = 'train_scratch'")
-    assert len(queued_runs) == 1 and queued_runs[0].info.status == "FINISHED"
-    assert not list((repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
-    params_diff = dvc(repo, "params", "diff", "lr-queued", "lr-high").stdout
-    assert "train.lr" in params_diff and "0.003" in params_diff and "0.01" in params_diff
-    metrics_diff = dvc(repo, "metrics", "diff", "lr-queued", "lr-high").stdout
-    assert "final_train_loss" in metrics_diff  # differs for sure with other lrs (accuracies on 30 images may tie)

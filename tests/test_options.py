@@ -106,6 +106,40 @@ def test_label_smoothing_reaches_the_loss(tiny_prepared):
     assert float(by_hand) != pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-3)
 
 
+class ValScore(pl.Callback):
+    """Each validation's logged val_acc and val_loss, beside the same model scored on all val images at once."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self.pairs = x, y, []
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        with torch.no_grad():
+            logits = pl_module(self.x)
+        direct = (float((logits.argmax(1) == self.y).float().mean()), float(pl_module.loss_fn(logits, self.y)))
+        self.pairs.append(((float(trainer.callback_metrics["val_acc"]), float(trainer.callback_metrics["val_loss"])),
+                           direct))
+
+
+def test_validation_metrics_are_the_whole_val_sets(tmp_path, monkeypatch, tiny_prepared):
+    """val_acc and val_loss are each epoch's over all val images, weighted by batch: 40 images in a batch of 32
+    and one of 8, so a mean of batch means, or sums carried over from the epoch before, would not match."""
+    from pipeline.data.datamodule import ImageDataModule
+    from pipeline.predict import to_float
+
+    monkeypatch.chdir(tmp_path)
+    data = tiny_prepared
+    p = parse({"train": {"epochs": 3, "batch_size": 32, "warmup_epochs": 0}, "trainer": {"precision": "32-true"}})
+    seed_all(0)
+    module = ClassifierModule(Classifier(CNN(spec_from_params(p.model), 1, 28, 10), data.mean, data.std, 1), p.train)
+    dm = ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val")}, 32, 0)
+    score = ValScore(to_float(data.x["val"]), torch.as_tensor(data.y["val"]).long())
+    fit(module, dm, FitConfig.from_train(p.train, p.trainer, quiet=True, callbacks=(score,)))
+    assert len(data.y["val"]) == 40 and len(score.pairs) == 3
+    for (acc, loss), (direct_acc, direct_loss) in score.pairs:
+        assert acc == pytest.approx(direct_acc, abs=1e-6) and loss == pytest.approx(direct_loss, rel=1e-4)
+    assert len({loss for (_, loss), _ in score.pairs}) == 3  # the model moved between validations
+
+
 def test_gradient_clipping_caps_every_steps_gradient_norm(tmp_path, monkeypatch, tiny_prepared):
     free, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, epochs=2)
     clipped, _, _ = tiny_fit(tmp_path, monkeypatch, tiny_prepared, epochs=2, gradient_clip_val=0.05)

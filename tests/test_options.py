@@ -39,18 +39,19 @@ class Probe(pl.Callback):
         self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def tiny_fit(tmp_path, monkeypatch, data, epochs: int = 4, **train):
+def tiny_fit(tmp_path, monkeypatch, data, epochs: int = 4, trainer: dict | None = None, callbacks: tuple = (),
+             **train):
     """One training from a params.train section (tiny data, batch 32), like train_scratch builds it."""
     from pipeline.data.datamodule import ImageDataModule
 
     monkeypatch.chdir(tmp_path)  # checkpoints under .cache/
-    p = parse({"train": {"epochs": epochs, "batch_size": 32, "warmup_epochs": 0} | train})
+    p = parse({"train": {"epochs": epochs, "batch_size": 32, "warmup_epochs": 0} | train, "trainer": trainer or {}})
     seed_all(0)
     model = Classifier(CNN(spec_from_params(p.model), 1, 28, 10), data.mean, data.std, 1)
     module = ClassifierModule(model, p.train)
     dm = ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val")}, 32, 0)
     probe = Probe()
-    result = fit(module, dm, FitConfig.from_train(p.train, p.trainer, quiet=True, callbacks=(probe,)))
+    result = fit(module, dm, FitConfig.from_train(p.train, p.trainer, quiet=True, callbacks=(probe, *callbacks)))
     return probe, result, module
 
 
@@ -123,17 +124,11 @@ class ValScore(pl.Callback):
 def test_validation_metrics_are_the_whole_val_sets(tmp_path, monkeypatch, tiny_prepared):
     """val_acc and val_loss are each epoch's over all val images, weighted by batch: 40 images in a batch of 32
     and one of 8, so a mean of batch means, or sums carried over from the epoch before, would not match."""
-    from pipeline.data.datamodule import ImageDataModule
     from pipeline.predict import to_float
 
-    monkeypatch.chdir(tmp_path)
     data = tiny_prepared
-    p = parse({"train": {"epochs": 3, "batch_size": 32, "warmup_epochs": 0}, "trainer": {"precision": "32-true"}})
-    seed_all(0)
-    module = ClassifierModule(Classifier(CNN(spec_from_params(p.model), 1, 28, 10), data.mean, data.std, 1), p.train)
-    dm = ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val")}, 32, 0)
     score = ValScore(to_float(data.x["val"]), torch.as_tensor(data.y["val"]).long())
-    fit(module, dm, FitConfig.from_train(p.train, p.trainer, quiet=True, callbacks=(score,)))
+    tiny_fit(tmp_path, monkeypatch, data, epochs=3, trainer={"precision": "32-true"}, callbacks=(score,))
     assert len(data.y["val"]) == 40 and len(score.pairs) == 3
     for (acc, loss), (direct_acc, direct_loss) in score.pairs:
         assert acc == pytest.approx(direct_acc, abs=1e-6) and loss == pytest.approx(direct_loss, rel=1e-4)

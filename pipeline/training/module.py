@@ -61,38 +61,37 @@ class ClassifierModule(pl.LightningModule):
         x, y = batch
         logits = self.net()(x)
         loss = self.loss_fn(logits, y)
-        # The epoch's loss and accuracy add up in three numbers; Lightning's logging runs once, at the epoch's
-        # last batch: each self.log call costs about half a millisecond (benchmarks: lightning_step).
-        with torch.no_grad():  # on the model's device, no copy from the host
-            self._sums[0] += loss * len(y)
-            self._sums[1] += (logits.argmax(dim=1) == y).sum()
-            self._sums[2] += len(y)
-        if batch_idx + 1 >= self.trainer.num_training_batches:
-            loss_sum, correct, seen = self._sums
-            self._log_epoch("train", loss_sum / seen, correct / seen, len(y))
+        self._add_up("train", self._sums, loss, logits, y, batch_idx + 1 >= self.trainer.num_training_batches)
         return loss
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(3, device=self.device)
 
     def validation_step(self, batch, batch_idx, dataloader_idx: int = 0):
-        # As in training: sums, one log at the last batch (the claims' 54 trainings validated 5,472 batches,
-        # two self.log calls each: 4-5 s of the stage). The epoch's loss and accuracy are the same numbers.
         x, y = batch
         logits = self.net()(x)
-        with torch.no_grad():
-            self._val_sums[0] += self.loss_fn(logits, y) * len(y)
-            self._val_sums[1] += (logits.argmax(dim=1) == y).sum()
-            self._val_sums[2] += len(y)
         trainer = self.trainer
         batches = trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches
-        if batch_idx + 1 >= batches[dataloader_idx]:
-            loss_sum, correct, seen = self._val_sums
-            self._log_epoch("val", loss_sum / seen, correct / seen, int(seen.item()))
+        last = batch_idx + 1 >= batches[dataloader_idx]
+        self._add_up("val", self._val_sums, self.loss_fn(logits, y), logits, y, last)
+
+    def _add_up(self, split: str, sums: torch.Tensor, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor,
+                last: bool) -> None:
+        """The epoch's loss and accuracy add up in three numbers (loss x images, correct, images), on the model's
+        device, no copy from the host; Lightning's logging runs once, at the epoch's last batch: each self.log
+        call costs about half a millisecond (benchmarks: lightning_step; the claims' 54 trainings validate 5,472
+        batches)."""
+        with torch.no_grad():
+            sums[0] += loss * len(y)
+            sums[1] += (logits.argmax(dim=1) == y).sum()
+            sums[2] += len(y)
+        if last:
+            loss_sum, correct, seen = sums
+            self._log_epoch(split, loss_sum / seen, correct / seen, int(seen.item()))
 
     def _log_epoch(self, split: str, loss: torch.Tensor, accuracy: torch.Tensor, batch_size: int) -> None:
-        """Epoch means, weighted by batch size (so the epoch's accuracy is exactly correct / seen), averaged over
-        processes under DDP. The batch size is named: without it Lightning searches the batch for one."""
+        """Epoch means over `batch_size` images (the epoch's accuracy is exactly correct / seen), weighted by each
+        process's images under DDP. The batch size is named: without it Lightning searches the batch for one."""
         for name, value in (("loss", loss), ("acc", accuracy)):
             self.log(f"{split}_{name}", value, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True,
                      batch_size=batch_size)

@@ -12,6 +12,7 @@ from sklearn import metrics as skm
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.predict import as_served, served_layout
 
 
 def expected_calibration_error(y_true: np.ndarray, probs: np.ndarray, bins: int = 15) -> float:
@@ -62,18 +63,20 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int, warmup: int,
                device: torch.device) -> dict[str, float]:
-    """Batch-1 latency: `warmup` untimed runs first (allocator, caches, lazy init), then `runs` timed ones."""
+    """Batch-1 latency: `warmup` untimed runs first (allocator, caches, lazy init), then `runs` timed ones; in the
+    layout predictions run in (channels-last)."""
     model = model.to(device).eval()
-    x = torch.rand((1, *input_shape), device=device)
-    for _ in range(warmup):
-        model(x)
-    _sync(device)
+    x = as_served(torch.rand((1, *input_shape), device=device))
     times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(x)
+    with served_layout(model):
+        for _ in range(warmup):
+            model(x)
         _sync(device)
-        times.append((time.perf_counter() - start) * 1000.0)
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(x)
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1000.0)
     times.sort()
     return {"latency_ms_p50": statistics.median(times),
             "latency_ms_p90": times[min(len(times) - 1, int(round(0.9 * (len(times) - 1))))],
@@ -83,17 +86,18 @@ def latency_ms(model: nn.Module, input_shape: tuple[int, ...], runs: int, warmup
 @torch.no_grad()
 def throughput(model: nn.Module, input_shape: tuple[int, ...], batch_size: int, device: torch.device,
                repeats: int = 3) -> float:
-    """Images per second at `batch_size`, best of `repeats` after one warm-up batch."""
+    """Images per second at `batch_size`, best of `repeats` after one warm-up batch; channels-last, as predicted."""
     model = model.to(device).eval()
-    x = torch.rand((batch_size, *input_shape), device=device)
-    model(x)
-    _sync(device)
+    x = as_served(torch.rand((batch_size, *input_shape), device=device))
     best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    with served_layout(model):
         model(x)
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(x)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
     return batch_size / best
 
 
@@ -140,10 +144,11 @@ def _peak_mb(work, device: torch.device) -> float:
 
 def peak_memory_mb(model: nn.Module, input_shape: tuple[int, ...], batch_size: int,
                    device: torch.device) -> float:
-    """Peak memory one forward pass at `batch_size` allocates on top of the weights (activations, workspace)."""
+    """Peak memory one forward pass at `batch_size` allocates on top of the weights (activations, workspace), in
+    the layout predictions run in."""
     model = model.to(device).eval()
-    x = torch.rand((batch_size, *input_shape), device=device)
-    with torch.no_grad():
+    x = as_served(torch.rand((batch_size, *input_shape), device=device))
+    with torch.no_grad(), served_layout(model):
         return _peak_mb(lambda: model(x), device)
 
 

@@ -7,6 +7,8 @@ module, no augmentation library.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -30,24 +32,37 @@ def to_float(images: np.ndarray | torch.Tensor, image_size: int | None = None) -
     return x
 
 
-@torch.no_grad()
-def predict_logits(model: nn.Module, images: np.ndarray, image_size: int, batch_size: int = 64,
-                   device: torch.device | None = None) -> np.ndarray:
-    """The model's outputs (logits, float32) for uint8 (N, H, W, C) images, resized to image_size, in batches on
-    `device`. The convolutions run channels-last (NHWC: oneDNN's and cuDNN's fast layout; the same fp32 math, 1.5-3x
-    faster here than NCHW, benchmarks/README.md); the model's weights get their own layout back afterwards."""
-    device = device or torch.device("cpu")
-    model = model.to(device).eval()
+@contextlib.contextmanager
+def served_layout(model: nn.Module):
+    """The model's convolution weights channels-last (NHWC: oneDNN's and cuDNN's fast layout; the same fp32 math,
+    1.5-3x faster here than NCHW, benchmarks/README.md) for the block, their own layout given back afterwards.
+    Predictions, latency, throughput and peak memory all run the model this way, so evaluate's speed figures are
+    those of the predictions it makes."""
     convs = [w for w in model.parameters() if w.dim() == 4]
     restore = not all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     model.to(memory_format=torch.channels_last)
     try:
-        out = [model(to_float(images[i : i + batch_size], image_size).to(device)
-                     .contiguous(memory_format=torch.channels_last)).float().cpu()
-               for i in range(0, len(images), batch_size)]
+        yield model
     finally:
         if restore:
             model.to(memory_format=torch.contiguous_format)
+
+
+def as_served(x: torch.Tensor) -> torch.Tensor:
+    """A batch of images in the layout served_layout's model takes (channels-last)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray, image_size: int, batch_size: int = 64,
+                   device: torch.device | None = None) -> np.ndarray:
+    """The model's outputs (logits, float32) for uint8 (N, H, W, C) images, resized to image_size, in batches on
+    `device`, channels-last (served_layout)."""
+    device = device or torch.device("cpu")
+    model = model.to(device).eval()
+    with served_layout(model):
+        out = [model(as_served(to_float(images[i : i + batch_size], image_size).to(device))).float().cpu()
+               for i in range(0, len(images), batch_size)]
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 

@@ -76,3 +76,20 @@ def test_peak_memory_grows_with_batch_size():
     one_output_mb = 64 * 64 * 32 * 32 * 4 / 2**20  # the conv's output at batch 64: 16 MB
     assert small > 0 and large == pytest.approx(8 * small, rel=0.25)
     assert one_output_mb <= large <= 3 * one_output_mb
+
+
+def test_speed_figures_run_the_model_as_predictions_do():
+    """Latency, throughput and peak memory time the model in the layout predict_logits runs it in (channels-last
+    weights and inputs), not another one; the model's weights get their own layout back."""
+    from pipeline.evaluation import peak_memory_mb, throughput
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 3))
+    seen = []
+    model[2].register_forward_hook(lambda m, inp, _o: seen.append(all(
+        t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous() for t in (inp[0], m.weight))))
+    cpu = torch.device("cpu")
+    latency_ms(model, (3, 12, 12), runs=4, warmup=2, device=cpu)
+    assert throughput(model, (3, 12, 12), 8, cpu, repeats=2) > 0
+    assert peak_memory_mb(model, (3, 12, 12), 8, cpu) > 0
+    assert seen == [True] * (6 + 3 + 1)
+    assert all(w.is_contiguous() for w in model.parameters() if w.dim() == 4)

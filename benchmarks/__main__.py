@@ -50,6 +50,8 @@ BENCHMARKS = [
     Benchmark("bf16_step", 2.5, "steps/s of the seed CNN at batch 128: bf16 autocast / fp32", suite.bf16_step),
     Benchmark("predict_layout", 1.0, "images/s of prediction, EfficientNet-Lite0 at 224 px: channels-last (what the "
               "stages run) / NCHW", suite.predict_layout),
+    Benchmark("cuda_check", 0.0, "steps/s of the photo sweep's scratch arm: the CUDA check the training code "
+              "leaves / Lightning's NVML check (printed)", suite.cuda_check),
     Benchmark("time_to_accuracy", 3.0, "seconds to 99.2% test accuracy on full MNIST: the recipe before "
               "(3 epochs, fp32) / today's mnist_full", suite.time_to_accuracy, full_only=True, rounds=2,
               warmup=False),

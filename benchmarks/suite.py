@@ -9,6 +9,7 @@ plain-PyTorch baselines in the same precision and layout.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from functools import cache
 
@@ -402,3 +403,47 @@ def predict_layout(quick: bool):
         return n / (time.perf_counter() - start)
 
     return nhwc, nchw
+
+
+# -------------------------------------------------------------------------------------------- cuda_check
+def cuda_check(quick: bool):
+    """Training steps/s of the photo sweep's scratch arm (small_cnn, batch 16, 64 px, the stages' precision and
+    layout, fused Adam) with the CUDA check the training code leaves (pipeline.training.fit drops Lightning's NVML
+    check where libnvidia-ml cannot be loaded) / with Lightning's NVML check on. On a GPU machine both sides keep
+    the NVML check: about 1 there."""
+    from pipeline.models import cnn
+
+    steps = 60 if quick else 150
+    model = layout(cnn.build(cnn.preset("small_cnn"), 3, 64, 5))
+    opt = torch.optim.Adam(model.parameters(), 1e-3, fused=True)
+    x = torch.rand(16, 3, 64, 64, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 5, (16,), device=DEVICE)
+    left = os.environ.get(NVML_CHECK)
+
+    def timed(check: str | None) -> float:
+        set_check(check)
+        try:
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                with autocast():
+                    loss = nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            sync()
+            return steps / (time.perf_counter() - start)
+        finally:
+            set_check(left)
+
+    return (lambda: timed(left)), (lambda: timed("1"))
+
+
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
+
+
+def set_check(value: str | None) -> None:
+    if value is None:
+        os.environ.pop(NVML_CHECK, None)
+    else:
+        os.environ[NVML_CHECK] = value

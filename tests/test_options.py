@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import pytorch_lightning as pl
@@ -259,3 +260,46 @@ def test_precision_auto_keeps_depthwise_models_in_fp32_on_a_bf16_cpu(monkeypatch
     seed = CNN(spec_from_params(parse({}).model), 1, 28, 10)
     assert resolve_precision("auto", "auto", mobilenet) == "32-true"
     assert resolve_precision("auto", "auto", seed) == "bf16-mixed"
+
+
+@pytest.mark.parametrize("driver", [False, True])
+def test_the_nvml_check_lightning_asks_for_stays_only_where_nvml_loads(monkeypatch, driver):
+    """Lightning's fork-safe CUDA check (PYTORCH_NVML_BASED_CUDA_CHECK=1) stays where libnvidia-ml loads (a GPU
+    machine) and is dropped where it cannot (no driver: every Adam step would try to load it); torch's answer is
+    the same either way."""
+    import ctypes
+
+    from pipeline.training import fit as fit_mod
+
+    answer = torch.cuda.is_available()
+
+    def cdll(name, *args, **kwargs):
+        if not driver:
+            raise OSError(f"{name}: cannot open shared object file")
+        return object()
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    monkeypatch.setenv("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    assert fit_mod.skip_nvml_without_a_driver() is (not driver)
+    assert (os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1") is driver
+    assert torch.cuda.is_available() == answer
+    monkeypatch.delenv("PYTORCH_NVML_BASED_CUDA_CHECK", raising=False)
+    assert fit_mod.skip_nvml_without_a_driver() is False  # not asked for: nothing to drop
+
+
+def test_a_training_process_on_this_machine_checks_cuda_as_the_machine_allows():
+    """In a fresh process that imports the training code (Lightning first), the NVML check is on exactly when
+    libnvidia-ml can be loaded here."""
+    import ctypes
+    import subprocess
+    import sys
+
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+        loads = True
+    except OSError:
+        loads = False
+    code = ("import pytorch_lightning, os; import pipeline.training.fit; "
+            "print(os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1] == ("1" if loads else "None")

@@ -35,6 +35,28 @@ from pipeline.rank import is_rank_zero
 from pipeline.training.module import MONITOR_MODES
 
 CHECKPOINT_ROOT = Path(".cache/checkpoints")
+
+
+def skip_nvml_without_a_driver() -> bool:
+    """Lightning sets PYTORCH_NVML_BASED_CUDA_CHECK=1 when it is imported (a CUDA check that does not initialize
+    CUDA, so that forked workers stay usable on a GPU machine). torch then answers every torch.cuda.is_available()
+    by loading libnvidia-ml first, and Adam asks on every step: on a machine without an NVIDIA driver the failed
+    load costs 0.1-0.4 ms a step (benchmarks/README.md) to reach torch's plain check anyway. Where the library
+    cannot be loaded there is no NVIDIA GPU: the check goes straight to the plain one (same answer, 14 us).
+    True when it was dropped."""
+    import ctypes
+
+    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+        return False
+    try:
+        ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        return True
+    return False
+
+
+skip_nvml_without_a_driver()
 CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 

@@ -35,6 +35,7 @@ from pipeline.rank import is_rank_zero
 from pipeline.training.module import MONITOR_MODES
 
 CHECKPOINT_ROOT = Path(".cache/checkpoints")
+CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
 
 
 def skip_nvml_without_a_driver() -> bool:
@@ -56,8 +57,7 @@ def skip_nvml_without_a_driver() -> bool:
     return False
 
 
-skip_nvml_without_a_driver()
-CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+skip_nvml_without_a_driver()  # at import, right after Lightning's own import set the variable
 
 
 @dataclass(frozen=True)

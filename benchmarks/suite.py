@@ -24,7 +24,15 @@ from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import build_prepared
 from pipeline.data.sources import load_embedded
 from pipeline.models.cnn import CNN, Classifier, spec_from_params
-from pipeline.training.fit import FitConfig, build_trainer, cpu_has_bf16, fit, resolve_precision, seed_all
+from pipeline.training.fit import (
+    NVML_CHECK,
+    FitConfig,
+    build_trainer,
+    cpu_has_bf16,
+    fit,
+    resolve_precision,
+    seed_all,
+)
 from pipeline.training.module import OPTIMIZERS, SCHEDULERS, ClassifierModule, Steps
 
 DEVICE = torch.device("cpu")
@@ -63,6 +71,28 @@ def autocast(precision_: str | None = None):
 def sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
+
+
+def plain_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               precision_: str | None = None) -> None:
+    """One training step in plain PyTorch, in the autocast Lightning would run it in: the B side of the
+    comparisons with the stages' training, and the step the roofline and bf16 benchmarks time."""
+    opt.zero_grad(set_to_none=True)
+    with autocast(precision_):
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+
+
+def steps_per_s(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, steps: int,
+                precision_: str | None = None) -> float:
+    """`steps` plain training steps on one batch, timed between device syncs."""
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        plain_step(model, opt, x, y, precision_)
+    sync()
+    return steps / (time.perf_counter() - start)
 
 
 @cache
@@ -285,28 +315,16 @@ def _step_and_matmul(quick: bool, precision_: str):
     y = torch.randint(0, 10, (batch,), device=DEVICE)
     model = layout(seed_cnn())
     opt = torch.optim.Adam(model.parameters(), lr=defaults().train.lr, fused=True)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        opt.zero_grad(set_to_none=True)
-        with autocast(precision_):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        opt.step()
 
     counter = FlopCounterMode(display=False)
     with counter:
-        step()
+        plain_step(model, opt, x, y, precision_)
     flops_per_step = counter.get_total_flops()
     dtype = torch.bfloat16 if precision_ == "bf16-mixed" else torch.float16 if precision_ == "16-mixed" else None
     a, b = (torch.rand(2048, 2048, device=DEVICE, dtype=dtype or torch.float32) for _ in range(2))
 
     def training() -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        return flops_per_step * steps / (time.perf_counter() - start)
+        return flops_per_step * steps_per_s(model, opt, x, y, steps, precision_)
 
     def matmul() -> float:
         start = time.perf_counter()
@@ -340,18 +358,8 @@ def bf16_step(quick: bool):
     if DEVICE.type == "cpu" and not cpu_has_bf16():
         print("  this CPU has no native bf16 (AVX512-BF16 or AMX): bf16 runs emulated, precision auto stays fp32")
 
-    def rate(precision_: str) -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            with autocast(precision_):
-                loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-        sync()
-        return steps / (time.perf_counter() - start)
-
-    return (lambda: rate("bf16-mixed")), (lambda: rate("32-true"))
+    return (lambda: steps_per_s(model, opt, x, y, steps, "bf16-mixed")), \
+        (lambda: steps_per_s(model, opt, x, y, steps, "32-true"))
 
 
 # ------------------------------------------------------------------------------------- time to accuracy
@@ -423,23 +431,11 @@ def cuda_check(quick: bool):
     def timed(check: str | None) -> float:
         set_check(check)
         try:
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                with autocast():
-                    loss = nn.functional.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            sync()
-            return steps / (time.perf_counter() - start)
+            return steps_per_s(model, opt, x, y, steps)
         finally:
             set_check(left)
 
     return (lambda: timed(left)), (lambda: timed("1"))
-
-
-NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 
 
 def set_check(value: str | None) -> None:

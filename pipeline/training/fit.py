@@ -36,6 +36,7 @@ from pipeline.training.module import MONITOR_MODES
 
 CHECKPOINT_ROOT = Path(".cache/checkpoints")
 CURVE_KEYS = ("train_loss", "train_acc", "val_loss", "val_acc", "lr")
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # Lightning sets it to 1 when imported
 
 
 def skip_nvml_without_a_driver() -> bool:
@@ -47,12 +48,12 @@ def skip_nvml_without_a_driver() -> bool:
     True when it was dropped."""
     import ctypes
 
-    if os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") != "1":
+    if os.environ.get(NVML_CHECK) != "1":
         return False
     try:
         ctypes.CDLL("libnvidia-ml.so.1")
     except OSError:
-        del os.environ["PYTORCH_NVML_BASED_CUDA_CHECK"]
+        del os.environ[NVML_CHECK]
         return True
     return False
 

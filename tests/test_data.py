@@ -431,7 +431,7 @@ def test_the_mnist_full_profile_prepares_all_of_mnist_and_trains(tmp_path, offli
     repo = make_repo_copy(tmp_path / "repo", profile=None)
     apply_profile("mnist_full", repo / "params.yaml")
     p = load(repo / "params.yaml")
-    assert (p.data.source, p.data.split, p.train.epochs) == ("mnist", "official", 2)
+    assert (p.data.source, p.data.split, p.train.epochs) == ("mnist", "official", 1)
     assert run_stage(repo, "prepare").code == 0
     metrics = json.loads((repo / "metrics/data.json").read_text())
     assert metrics["total"]["test"] == 10_000 and sum(metrics["total"].values()) == 70_000

@@ -440,7 +440,7 @@ PHOTOS = DataParams(source="food_photos", raw_dir="data/raw/food_photos", image_
                     ratios=SplitParams(train=0.6, val=0.1, test=0.3), sample_grid=6)
 AUGMENT_PHOTOS = AugmentParams(rotation_range=10, zoom_range=0.15, horizontal_flip=True, coarse_dropout=CoarseDropoutParams(p=0.0))
 TRANSFER_PHOTOS = TransferParams(image_size=224, scratch_model="small_cnn", scratch_image_size=64,
-                                 target_per_class=[5, 10, 20, 30], seeds=5, steps=30, head_steps=200, cnn_steps=200,
+                                 target_per_class=[5, 10, 20, 30], seeds=5, steps=30, head_steps=200, cnn_steps=100,
                                  val_per_class=5, batch_size=16, cached_views=3)
 
 

@@ -30,7 +30,6 @@ from pipeline.data.prepared import PreparedData, per_class_indices
 from pipeline.evaluation import training_memory_mb
 from pipeline.fundamentals.summary import param_counts
 from pipeline.models.cnn import Classifier, CNNSpec, build, preset
-from pipeline.models.state import read_state_dict
 from pipeline.params import PROBE_METRICS, ClaimRecipe, TrainerParams
 from pipeline.predict import accuracy, predict_proba, to_float
 from pipeline.training.fit import FitConfig, fit, seed_all
@@ -109,12 +108,10 @@ def train(recipe: ClaimRecipe, seed: int, data: PreparedData, augmentation, trai
     config = FitConfig(trainer, recipe.epochs, monitor=recipe.monitor, gradient_clip_val=recipe.gradient_clip_val,
                        limit_train_batches=recipe.steps_per_epoch or 1.0, quiet=True)
     start = time.perf_counter()
-    result = fit(ClassifierModule(model, recipe), dm, config, keep_checkpoint=True)
+    result = fit(ClassifierModule(model, recipe), dm, config)  # best and last weights in memory
     elapsed = time.perf_counter() - start
     best = {k: v.clone() for k, v in model.state_dict().items()}
-    last = read_state_dict(result.checkpoint_dir / "last.ckpt")
-    result.discard_checkpoints()
-    return Trained(model.cpu(), best, last, result.rows, x, y, elapsed, result.run_params)
+    return Trained(model.cpu(), best, result.last_state, result.rows, x, y, elapsed, result.run_params)
 
 
 def steps_to(rows: list[dict], target: float) -> int | None:

@@ -36,7 +36,8 @@ def top_k_accuracy(y_true: np.ndarray, probs: np.ndarray, k: int) -> float:
 def classification_report(y_true: np.ndarray, probs: np.ndarray, class_names: list[str], top_k: int,
                           ece_bins: int) -> dict:
     """Accuracy, top-k, macro/weighted F1, ECE, per-class precision/recall/F1 and the confusion matrix."""
-    from sklearn import metrics as skm  # here, not at import: the stages that only train skip its 1-2 s import
+    # sklearn here, not at import: the stages that only train skip its 1-2 s import
+    from sklearn import metrics as skm
 
     y_pred = probs.argmax(axis=1)
     labels = list(range(len(class_names)))

@@ -154,6 +154,51 @@ def test_early_stopping_stops_when_the_monitor_stalls(tmp_path, monkeypatch, tin
     assert full.epochs_run == 4
 
 
+class Snapshots(pl.Callback):
+    """The module's weights after every epoch's validation (where the best-weights rule looks)."""
+
+    def __init__(self) -> None:
+        self.states: list[dict] = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_training_without_files_keeps_the_best_and_the_last_epochs_weights(tmp_path, monkeypatch, tiny_prepared):
+    """Sweeps' and claims' trainings keep their best and last weights in memory: the same best epoch as the
+    checkpoint file's rule (a tie keeps the first), the last epoch's weights handed back, and no file written."""
+    from pipeline.data.datamodule import ImageDataModule
+
+    monkeypatch.chdir(tmp_path)
+    data = tiny_prepared
+    # a rate too small to change a prediction: val_acc ties every epoch, so the first epoch is the best; the
+    # BatchNorm running statistics still move, so the first and the last epoch's weights differ
+    p = parse({"train": {"epochs": 3, "batch_size": 32, "warmup_epochs": 0, "lr": 1e-9, "scheduler": "none"}})
+    outcomes = {}
+    for keep in (False, True):
+        seed_all(0)
+        module = ClassifierModule(Classifier(CNN(spec_from_params(p.model), 1, 28, 10), data.mean, data.std, 1),
+                                  p.train)
+        snaps = Snapshots()
+        result = fit(module, ImageDataModule({s: (data.x[s], data.y[s]) for s in ("train", "val")}, 32, 0),
+                     FitConfig(p.trainer, 3, quiet=True, callbacks=(snaps,)), keep_checkpoint=keep)
+        outcomes[keep] = (module.state_dict(), result, snaps.states)
+        if keep:
+            assert result.best_checkpoint is not None
+            result.discard_checkpoints()
+    state, result, snaps = outcomes[False]
+    assert len({r["val_acc"] for r in result.rows}) == 1 and len(snaps) == 3
+    assert not _same(snaps[0], snaps[-1])
+    assert _same(state, snaps[0])  # the best (first) epoch's weights, not the last
+    assert _same(result.last_state, {k[len("model."):]: v for k, v in snaps[-1].items()})
+    assert _same(state, outcomes[True][0])  # what the checkpoint file's rule restores
+    assert result.checkpoint_dir is None and not any((tmp_path / ".cache/checkpoints").glob("**/*.ckpt"))
+
+
 @pytest.mark.parametrize(("cuda", "bf16", "cpu_bf16", "accelerator", "expected"), [
     (False, False, False, "auto", "32-true"),  # a CPU without native bf16: full precision
     (False, False, True, "auto", "bf16-mixed"),  # a CPU with AVX512-BF16 or AMX (this project's machine)

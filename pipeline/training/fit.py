@@ -101,6 +101,7 @@ class FitResult:
     precision: str = "32-true"  # the precision Lightning trained in (what `auto` chose)
     run_id: str | None = None
     checkpoint_dir: Path | None = None  # best.ckpt and last.ckpt, kept for the caller (keep_checkpoint)
+    last_state: dict | None = None  # the network's weights at the last epoch (trainings kept in memory)
 
     @property
     def run_params(self) -> dict[str, str]:
@@ -191,6 +192,37 @@ class StopOnNonFinite(pl.Callback):
             self._check(trainer, ("val_loss",))
 
 
+class KeepBest(pl.Callback):
+    """ModelCheckpoint's top-1 rule kept in memory, for trainings that neither resume nor hand files on (the
+    sweeps' and claims' many short ones): after each epoch's validation the weights are copied when the monitor
+    strictly improved (the first validated epoch always), and the last epoch's weights at the end. A copy is a
+    few milliseconds; a checkpoint file was 10-20 ms a save (claims: 750 of them, benchmarks/README.md)."""
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor, self.mode = monitor, MONITOR_MODES[monitor]
+        self.best_score: float | None = None
+        self.best_state: dict | None = None
+        self.last_state: dict | None = None
+
+    @staticmethod
+    def _copy(pl_module) -> dict:
+        return {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # where ModelCheckpoint saves: after validation
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            return
+        score = float(value)
+        if math.isnan(score):
+            score = -math.inf if self.mode == "max" else math.inf
+        better = self.best_score is None or (score > self.best_score if self.mode == "max" else score < self.best_score)
+        if better:
+            self.best_score, self.best_state = score, self._copy(pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.last_state = self._copy(pl_module)
+
+
 # ------------------------------------------------------------------------------------------- trainer
 def cpu_has_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX tiles): detected, never assumed."""
@@ -221,10 +253,11 @@ def interactive() -> bool:
     return sys.stdout.isatty() and not os.environ.get("CI")
 
 
-def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None, save_last: bool = True,
+def build_trainer(config: FitConfig, checkpoint_dir: Path | None, logger=None, save_last: bool = True,
                   model: torch.nn.Module | None = None) -> tuple[pl.Trainer, EpochRecorder]:
     """A Trainer for a FitConfig, and the epoch recorder whose rows fit returns. `save_last`: the last epoch's
-    checkpoint too (to resume from, or for the caller), not only the best one."""
+    checkpoint too (to resume from, or for the caller), not only the best one. Without a `checkpoint_dir` the
+    best and the last weights stay in memory (a KeepBest callback) and no file is written."""
     tp = config.trainer
     if tp.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise PipelineError(f"trainer.accelerator={tp.accelerator}: this machine has no CUDA GPU "
@@ -236,10 +269,14 @@ def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None, save_las
     show_bar = interactive() and not config.quiet
     recorder = EpochRecorder(print_lines=not show_bar and not config.quiet, label=config.label)
     mode = MONITOR_MODES[config.monitor]
-    callbacks = [recorder, StopOnNonFinite(), *config.callbacks,
-                 ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=config.monitor, mode=mode,
-                                 save_top_k=1, enable_version_counter=False)]
-    if save_last:  # every epoch's end (ModelCheckpoint's own save_last writes only when a new best is saved)
+    callbacks = [recorder, StopOnNonFinite(), *config.callbacks]
+    if checkpoint_dir is None:
+        callbacks.append(KeepBest(config.monitor))
+    else:
+        callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor=config.monitor, mode=mode,
+                                         save_top_k=1, enable_version_counter=False))
+    if save_last and checkpoint_dir is not None:  # every epoch's end (ModelCheckpoint's own save_last writes only
+        # when a new best is saved)
         callbacks.append(ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                                          enable_version_counter=False))
     if config.patience:
@@ -254,6 +291,7 @@ def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None, save_las
         max_epochs=config.epochs, logger=logger if logger is not None else False, callbacks=callbacks,
         enable_progress_bar=show_bar, enable_model_summary=False, num_sanity_val_steps=0,
         gradient_clip_val=config.gradient_clip_val or None, limit_train_batches=limit, log_every_n_steps=1,
+        enable_checkpointing=checkpoint_dir is not None,
     )
     return trainer, recorder
 
@@ -263,7 +301,7 @@ def build_trainer(config: FitConfig, checkpoint_dir: Path, logger=None, save_las
 class Resume:
     """Where a training checkpoints, and what a killed run with the same key left to resume from."""
 
-    folder: Path
+    folder: Path | None  # None: a training kept in memory
     checkpoint: Path | None = None  # its last.ckpt, readable
     run_id: str | None = None  # its MLflow run, which continues
     epochs_done: int = 0
@@ -313,8 +351,11 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: 
     """Train `module` on `datamodule`; with `run`, in that MLflow run, live (a new run, or the killed one
     resumed): per-epoch metrics as they come. Without one the caller logs what happened afterwards (a sweep's many
     short trainings: tracking.log_rows). Afterwards the module holds the best checkpoint's weights;
-    `keep_checkpoint` leaves the best and the last checkpoint to the caller (FitResult.discard_checkpoints)."""
-    resume = checkpoint_folder(config.resume_key)
+    `keep_checkpoint` leaves the best and the last checkpoint to the caller (FitResult.discard_checkpoints).
+    A training that neither resumes nor keeps its checkpoint writes none: its best and last weights stay in
+    memory (FitResult.last_state)."""
+    in_memory = config.resume_key is None and not keep_checkpoint
+    resume = Resume(None) if in_memory else checkpoint_folder(config.resume_key)
     if resume.checkpoint is not None:
         print(f"{config.label or 'fit: '}resuming after epoch {resume.epochs_done} from {resume.checkpoint} "
               f"(MLflow run {resume.run_id} continues)", flush=True)
@@ -340,17 +381,24 @@ def fit(module: pl.LightningModule, datamodule: pl.LightningDataModule, config: 
         # Lightning ends an interrupted fit with exit(0/1) after closing its run (FAILED); say which signal.
         raise (interrupted() or Interrupted(signal.SIGINT)) from None
     except BaseException:
-        if not config.resume_key:  # a keyed training keeps its folder to resume from
+        if not config.resume_key and resume.folder is not None:  # a keyed training keeps its folder to resume from
             shutil.rmtree(resume.folder, ignore_errors=True)
         raise
     finally:
         module.__dict__.pop("compiled", None)
-    best = Path(trainer.checkpoint_callback.best_model_path or "")
-    if best.is_file():  # the best epoch's weights, not the last epoch's
-        module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
+    last_state = None
+    if in_memory:
+        kept = next(cb for cb in trainer.callbacks if isinstance(cb, KeepBest))
+        if kept.best_state is not None:  # the best epoch's weights, not the last epoch's
+            module.load_state_dict(kept.best_state)
+        last_state = {k[len("model."):]: v for k, v in (kept.last_state or {}).items() if k.startswith("model.")}
+    else:
+        best = Path(trainer.checkpoint_callback.best_model_path or "")
+        if best.is_file():  # the best epoch's weights, not the last epoch's
+            module.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     result = FitResult(rows=recorder.rows, best=best_row(recorder.rows, config.monitor), train_time_s=train_time,
                        world_size=trainer.world_size, precision=str(trainer.precision), run_id=run_id,
-                       checkpoint_dir=resume.folder)
+                       checkpoint_dir=resume.folder, last_state=last_state)
     if not keep_checkpoint:
         result.discard_checkpoints()
         result.checkpoint_dir = None

@@ -293,18 +293,30 @@ def test_compile_trains_the_same_model_through_torch_compile(tmp_path, monkeypat
         assert got["val_acc"] == pytest.approx(want["val_acc"], abs=1e-6)
 
 
-def test_precision_auto_keeps_depthwise_models_in_fp32_on_a_bf16_cpu(monkeypatch):
-    """Depthwise convolutions step slower in bf16 on this CPU (MobileNetV2 282 vs 191 ms measured): auto leaves
-    such models in fp32 and gives the others bf16."""
+def test_precision_auto_keeps_strided_depthwise_models_in_fp32_on_a_bf16_cpu(monkeypatch):
+    """Strided depthwise convolutions step slower in bf16 on this CPU (MobileNetV2 282 vs 191 ms measured): auto
+    leaves such models in fp32 and gives the others bf16, the end of a frozen EfficientNet-Lite0 (depthwise
+    without a stride) included."""
     from pipeline.models import registry
+    from pipeline.models.transfer import Suffix, TransferNet, freeze_base, frozen_prefix
     from pipeline.training import fit as fit_module
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(fit_module, "cpu_has_bf16", lambda: True)
     mobilenet = registry.get("mobilenet_v2").build(10, 64, 3)
     seed = CNN(spec_from_params(parse({}).model), 1, 28, 10)
+    lite = TransferNet("efficientnet_lite0", 4, 16, 0.0, 64, 3)
+    freeze_base(lite, 3)
+    end = Suffix(lite, frozen_prefix(lite))
+    assert any(isinstance(m, torch.nn.Conv2d) and m.groups > 1 for m in end.modules())  # depthwise, stride 1
     assert resolve_precision("auto", "auto", mobilenet) == "32-true"
+    assert resolve_precision("auto", "auto", lite) == "32-true"  # the whole Lite0 downsamples depthwise
     assert resolve_precision("auto", "auto", seed) == "bf16-mixed"
+    assert resolve_precision("auto", "auto", end) == "bf16-mixed"
+    assert fit_module.inference_autocast("auto", "auto") == torch.bfloat16  # forward only: any model
+    monkeypatch.setattr(fit_module, "cpu_has_bf16", lambda: False)
+    assert fit_module.inference_autocast("auto", "auto") is None
+    assert fit_module.inference_autocast("32-true", "auto") is None
 
 
 @pytest.mark.parametrize("driver", [False, True])

@@ -205,6 +205,37 @@ def test_mismatching_checkpoint_names_the_first_bad_layer(tmp_path):
     assert torch.equal(same.base[0].weight, donor.net.base[0].weight)
 
 
+def test_the_feature_cache_runs_training_views_in_the_trainings_precision_and_the_rest_in_fp32(
+        tmp_path, monkeypatch, mlflow_store, tiny_prepared):
+    """The frozen base's cache: the training views through the base under the trainings' autocast (bf16 here,
+    forced so that every CPU runs the path), validation and test images in fp32, bit for bit what the saved
+    model computes when evaluate runs it; the features of the training views stay close to fp32's."""
+    from pipeline import params as params_mod
+    from pipeline import tasks
+    from pipeline.data import augment as aug
+    from pipeline.stages import transfer_learn
+    from pipeline.training import transfer as transfer_mod
+
+    monkeypatch.chdir(tmp_path)
+    tiny_prepared.save(tmp_path / "data/prepared")
+    aug.save(aug.build(params_mod.AugmentParams(), 0))
+    p = params_mod.parse({"transfer": {"strategies": ["feature_extraction", "fine_tuning"], "image_size": 32,
+                                       "target_per_class": [3], "seeds": 2, "val_per_class": 2}})
+    s = transfer_learn.setup(p, tasks.get("digits"))
+    monkeypatch.setattr(transfer_mod, "inference_autocast", lambda *_: torch.bfloat16)
+    transfer_mod.cache_features(s)
+    assert s.prefix > 0 and set(s.activations) == set(s.features) == {"train", "val", "test"}
+    frozen = s.new_model(with_base=True)
+    for split in ("val", "test"):
+        assert torch.equal(s.activations[split], extract(frozen, s.splits[split][0], s.prefix))
+    train_views = transfer_mod.views(s.splits["train"][0], s.augmentation, s.tp.cached_views, p.seed)
+    fp32 = extract(frozen, train_views, s.prefix)
+    got = s.activations["train"]
+    assert got.dtype == torch.float32 and got.shape == fp32.shape
+    assert not torch.equal(got, fp32)  # the bf16 path ran
+    assert ((got - fp32).norm() / fp32.norm()).item() < 0.05
+
+
 def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_path, monkeypatch, mlflow_store,
                                                                            tiny_prepared):
     from mlflow import MlflowClient
@@ -264,13 +295,14 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=100)
     assert len(children) == len(rows)
-    # each run says the precision it trained in (auto's choice): the head alone in bf16 where the CPU has it,
-    # EfficientNet's depthwise blocks in fp32 (slower in bf16 here), and the sweep's rows agree
+    # each run says the precision it trained in (auto's choice): the head alone and the base's last blocks
+    # (depthwise without a stride) in bf16 where the CPU has it, the whole EfficientNet (strided depthwise
+    # convolutions: slower in bf16 here) in fp32, and the sweep's rows agree
     from pipeline.training.fit import cpu_has_bf16
 
     by_name = {r.info.run_name.split("/", 1)[1]: r.data.params for r in children}  # n3/seed0/scratch
     half = "bf16-mixed" if cpu_has_bf16() else "32-true"
-    expected = {"feature_extraction": half, "fine_tuning": "32-true", "scratch": half, "scratch_backbone": "32-true"}
+    expected = {"feature_extraction": half, "fine_tuning": half, "scratch": half, "scratch_backbone": "32-true"}
     for r in rows:
         params = by_name[f"n{r['target_per_class']}/seed{r['seed']}/{r['strategy']}"]
         assert params.get("trainer.precision_used") == r["precision"] == expected[r["strategy"]], r

@@ -149,13 +149,15 @@ class Suffix(nn.Module):
 
 @torch.no_grad()
 def extract(model: nn.Module, images: np.ndarray, prefix: int | None = None, batch_size: int | None = None,
-            device: torch.device | None = None, channels_last: bool = True) -> torch.Tensor:
+            device: torch.device | None = None, channels_last: bool = True,
+            autocast: torch.dtype | None = None) -> torch.Tensor:
     """What a frozen part of a transfer model computes from uint8 (N, H, W, C) images, through the model's own
     preprocessing (channels, resize, normalization), once: the base's first `prefix` blocks' activations, or
     (prefix None) the whole base's pooled features, what the head sees. `channels_last` (params.trainer): NHWC
     convolutions, as in training (EfficientNet-Lite0 at 64 px: 1.65 s -> 1.0 s for 400 images on 2 cores).
     Batches of 32 on the CPU, where a batch's activations then stay in cache (400 images: 1.0 s at 256, 0.56 s
-    at 64, 0.40 s at 32, 0.44 s at 16), 256 on a GPU."""
+    at 64, 0.40 s at 32, 0.44 s at 16), 256 on a GPU. `autocast`: the forward in that dtype (bf16 for training
+    images' features where trainings run bf16), returned as float32."""
     device = device or torch.device("cpu")
     batch_size = batch_size or (32 if device.type == "cpu" else 256)
     model = model.to(device).eval()
@@ -165,6 +167,7 @@ def extract(model: nn.Module, images: np.ndarray, prefix: int | None = None, bat
     out = []
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start : start + batch_size]).to(device).permute(0, 3, 1, 2).float() / 255.0
-        out.append(part(model.preprocess(x)).float().cpu().contiguous())
+        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            out.append(part(model.preprocess(x)).float().cpu().contiguous())
     model.cpu()
     return torch.cat(out) if out else torch.zeros(0)

@@ -25,6 +25,7 @@ from pipeline.data.prepared import build_prepared
 from pipeline.data.sources import load_embedded
 from pipeline.models.cnn import CNN, Classifier, spec_from_params
 from pipeline.training.fit import (
+    AUTOCAST_DTYPES,
     NVML_CHECK,
     FitConfig,
     build_trainer,
@@ -62,10 +63,8 @@ def precision() -> str:
 def autocast(precision_: str | None = None):
     """The autocast Lightning runs a training step in, for the plain-PyTorch side of a comparison."""
     precision_ = precision_ or precision()
-    if precision_ in ("bf16-mixed", "16-mixed"):
-        dtype = torch.bfloat16 if precision_ == "bf16-mixed" else torch.float16
-        return torch.autocast(DEVICE.type, dtype=dtype)
-    return contextlib.nullcontext()
+    dtype = AUTOCAST_DTYPES.get(precision_)
+    return torch.autocast(DEVICE.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def sync() -> None:
@@ -320,7 +319,7 @@ def _step_and_matmul(quick: bool, precision_: str):
     with counter:
         plain_step(model, opt, x, y, precision_)
     flops_per_step = counter.get_total_flops()
-    dtype = torch.bfloat16 if precision_ == "bf16-mixed" else torch.float16 if precision_ == "16-mixed" else None
+    dtype = AUTOCAST_DTYPES.get(precision_)
     a, b = (torch.rand(2048, 2048, device=DEVICE, dtype=dtype or torch.float32) for _ in range(2))
 
     def training() -> float:

@@ -290,10 +290,9 @@ def cache_features(s: Setup) -> None:
     images = {"train": views(x["train"][0], s.augmentation, tp.cached_views, s.p.seed), "val": x["val"][0],
               "test": x["test"][0]}
     channels_last = s.p.trainer.channels_last
-    dtypes = {"train": inference_autocast(s.p.trainer.precision, s.p.trainer.accelerator)}
-    prefix = s.prefix or None
-    out = {k: extract(frozen, v, prefix, device=device, channels_last=channels_last, autocast=dtypes.get(k))
-           for k, v in images.items()}
+    train_dtype = inference_autocast(s.p.trainer.precision, s.p.trainer.accelerator)
+    out = {k: extract(frozen, v, s.prefix or None, device=device, channels_last=channels_last,
+                      autocast=train_dtype if k == "train" else None) for k, v in images.items()}
     if not s.prefix:
         s.features = out
         return

@@ -18,20 +18,21 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import tracking
+from pipeline.data import augment as aug
 from pipeline.data.datamodule import ImageDataModule
 from pipeline.data.prepared import PreparedData, per_class_indices
 from pipeline.evaluation import training_memory_mb
 from pipeline.fundamentals.summary import param_counts
 from pipeline.models.cnn import Classifier, CNNSpec, build, preset
-from pipeline.params import PROBE_METRICS, ClaimRecipe, TrainerParams
-from pipeline.predict import accuracy, predict_proba, to_float
+from pipeline.params import ClaimRecipe, TrainerParams
+from pipeline.predict import accuracy, device_for, predict_proba, to_float
 from pipeline.training.fit import FitConfig, fit, seed_all
 from pipeline.training.module import ClassifierModule
 
@@ -156,15 +157,49 @@ def probe(metric: str, recipe: ClaimRecipe, seed: int, data: PreparedData, devic
     return Result(float(first.weight.grad.norm()), params=count)
 
 
-def run_arm(metric: str, recipe: ClaimRecipe, seed: int, data: PreparedData, augmentation, trainer: TrainerParams,
-            shifts: list[int], target: float, device: torch.device, trained: dict[str, Trained]) -> Result:
-    """One (arm, seed) of a claim: probed, or trained (once per training key) and measured."""
-    if metric in PROBE_METRICS:
-        return probe(metric, recipe, seed, data, device)
-    key = training_key(recipe, seed)
-    if key not in trained:
-        trained[key] = train(recipe, seed, data, augmentation, trainer)
-    return measure(metric, recipe, trained[key], data, shifts, target, device)
+@dataclass(frozen=True)
+class Job:
+    """One training (an arm's recipe, a seed) and every (metric, arm recipe) the claims measure on it: arms that
+    resolve to the same training share it (the recipe a measure comes with says which checkpoint it tests)."""
+
+    recipe: ClaimRecipe
+    seed: int
+    measures: tuple[tuple[str, ClaimRecipe], ...]
+    trainer: TrainerParams
+    shifts: tuple[int, ...]
+    target: float
+
+
+def plan(points: list[tuple[str, ClaimRecipe, int]], trainer: TrainerParams, shifts: list[int],
+         target: float) -> tuple[list[Job], list[tuple[int, int]]]:
+    """The trainings that `points` (metric, arm recipe, seed) need, one Job per training key in first-seen order,
+    and where each point's result will be: (job, measure)."""
+    index: dict[str, int] = {}
+    jobs: list[Job] = []
+    where = []
+    for metric, recipe, seed in points:
+        key = training_key(recipe, seed)
+        if key not in index:
+            index[key] = len(jobs)
+            jobs.append(Job(recipe, seed, (), trainer, tuple(shifts), target))
+        i = index[key]
+        jobs[i] = replace(jobs[i], measures=(*jobs[i].measures, (metric, recipe)))
+        where.append((i, len(jobs[i].measures) - 1))
+    return jobs, where
+
+
+def context(seed: int) -> tuple[PreparedData, object]:
+    """What every training reads: the prepared digits and the augment stage's pipeline."""
+    return PreparedData.load(), aug.load(aug.PIPELINE_PATH, seed=seed)
+
+
+def run_job(ctx: tuple[PreparedData, object], job: Job) -> list[Result]:
+    """Train once, measure each of the job's (metric, arm recipe)."""
+    data, augmentation = ctx
+    trained = train(job.recipe, job.seed, data, augmentation, job.trainer)
+    device = device_for(job.trainer.accelerator)
+    return [measure(metric, recipe, trained, data, list(job.shifts), job.target, device)
+            for metric, recipe in job.measures]
 
 
 def log_result(run_id: str, metric: str, r: Result) -> None:

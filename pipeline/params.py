@@ -423,6 +423,10 @@ class TrainerParams(Section):
     # torch.compile the model while it trains: a one-off compilation, then faster steps on GPUs (on this 2-core
     # CPU it compiles for 24 s and then steps 2x slower: off).
     compile: bool = False
+    # Independent short trainings (the claims' arms) in this many processes at once, one CPU thread each
+    # (pipeline/training/pool.py); auto: one per core on the CPU, 1 on a GPU or under DDP; 1: in the stage's
+    # own process, on all its threads.
+    sweep_workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
 
 
 class MlflowParams(Section):

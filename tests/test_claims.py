@@ -101,6 +101,10 @@ def test_claims_through_the_stage_and_the_report(tmp_path, tiny_prepared, mlflow
     claims = json.loads((repo / "metrics/claims.json").read_text())
     assert set(claims) == {"weight_sharing", "skip_gradients", "learning_rate", "_meta"}
     assert claims["_meta"]["trainings"] == 2 * 2 + 2 * 2  # weight sharing's 2 arms, the added claim's 2; 2 seeds
+    from pipeline.params import TrainerParams
+    from pipeline.training.pool import workers_for
+
+    assert claims["_meta"]["processes"] == workers_for(TrainerParams(), 8) > 1  # auto: a process per core here
     for cid, c in claims.items():
         if cid == "_meta":
             continue

@@ -13,21 +13,22 @@ reports/claims.md.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from pipeline import claims, plots, tracking
 from pipeline import params as params_mod
-from pipeline import plots, tracking
 from pipeline.atomic import atomic_set, write_json
-from pipeline.claims import Result, run_arm
-from pipeline.data import augment as aug
-from pipeline.data.prepared import PreparedData
+from pipeline.claims import Result, probe
 from pipeline.errors import stage_main
 from pipeline.evaluation import spread, verdict
 from pipeline.models.cnn import preset
 from pipeline.outputs import check_writable
+from pipeline.params import PROBE_METRICS
 from pipeline.predict import device_for
+from pipeline.training import pool
 
 METRICS, PLOTS = Path("metrics/claims.json"), Path("plots/claims")
 SPREAD = "the larger of the two arms' sample standard deviations over seeds"
@@ -41,28 +42,32 @@ def run(p: params_mod.Params) -> dict:
     for cid, arms in recipes.items():  # unknown models fail before any training
         for arm, recipe in arms.items():
             preset(recipe.model, f"claims.lesson.{cid}.arms.{arm}.model")
-    data = PreparedData.load()
-    augmentation = aug.load(aug.PIPELINE_PATH, seed=p.seed)
+    data, _ = claims.context(p.seed)  # a missing pipeline or data set fails here, before any training
     tracking.check_store()
     device = device_for(p.trainer.accelerator)
     parent = tracking.start_run(p.mlflow.experiment, "claims", tracking.run_tags("claims", "lesson", data.data_hash))
     with tracking.ended(parent):
         tracking.log_params(parent, params_mod.flatten({"seed": p.seed, "claims": c, "trainer": p.trainer}))
-        trained: dict = {}
-        results: dict[str, dict[str, list[Result]]] = {}
+        points = [(cid, arm, s) for cid, claim in c.measured.items() for arm in recipes[cid] for s in range(c.seeds)]
+        results: dict[str, dict[str, list]] = {cid: {arm: [None] * c.seeds for arm in recipes[cid]}
+                                               for cid in c.measured}
         start = time.perf_counter()
-        for cid, claim in c.measured.items():
-            results[cid] = {}
-            for arm, recipe in recipes[cid].items():
-                results[cid][arm] = []
-                for s in range(c.seeds):
-                    r = run_arm(claim.metric, recipe, p.seed + s, data, augmentation, p.trainer, c.shift_pixels,
-                                c.target_val_acc, device, trained)
-                    results[cid][arm].append(r)
-                    print(f"claims: {cid}/{arm} seed {s}: {claim.metric} {r.value:.4g}"
-                          + (f", test acc {r.test_acc:.4f}" if r.test_acc is not None else ""), flush=True)
+        for cid, arm, s in points:  # probes measure an initialization: nothing to train
+            if c.measured[cid].metric in PROBE_METRICS:
+                results[cid][arm][s] = probe(c.measured[cid].metric, recipes[cid][arm], p.seed + s, data, device)
+                report(cid, arm, s, c.measured[cid].metric, results[cid][arm][s])
+        trained = [(cid, arm, s) for cid, arm, s in points if c.measured[cid].metric not in PROBE_METRICS]
+        jobs, where = claims.plan([(c.measured[cid].metric, recipes[cid][arm], p.seed + s) for cid, arm, s in trained],
+                                  p.trainer, c.shift_pixels, c.target_val_acc)
+        workers = pool.workers_for(p.trainer, len(jobs))
+        print(f"claims: {len(jobs)} trainings in {workers} process{'es' if workers > 1 else ''}", flush=True)
+        for j, measured in enumerate(pool.run(claims.run_job, jobs, workers, partial(claims.context, p.seed))):
+            for (cid, arm, s), (i, m) in zip(trained, where, strict=True):
+                if i == j:
+                    results[cid][arm][s] = measured[m]
+                    report(cid, arm, s, c.measured[cid].metric, measured[m], f"[{j + 1}/{len(jobs)}] ")
         summary = summarize(c, results, recipes)
-        summary["_meta"] = {"spread": SPREAD, "seeds": c.seeds, "trainings": len(trained),
+        summary["_meta"] = {"spread": SPREAD, "seeds": c.seeds, "trainings": len(jobs), "processes": workers,
                             "time_s": round(time.perf_counter() - start, 1), "mlflow_parent_run_id": parent,
                             "test_images": int(len(data.y["test"]))}
         write_outputs(c, summary, results)
@@ -71,6 +76,11 @@ def run(p: params_mod.Params) -> dict:
         if not cid.startswith("_"):
             print(f"claims: {cid}: {s['line']}", flush=True)
     return summary
+
+
+def report(cid: str, arm: str, s: int, metric: str, r: Result, progress: str = "") -> None:
+    print(f"claims: {progress}{cid}/{arm} seed {s}: {metric} {r.value:.4g}"
+          + (f", test acc {r.test_acc:.4f}" if r.test_acc is not None else ""), flush=True)
 
 
 def summarize(c, results: dict, recipes: dict) -> dict:

@@ -314,6 +314,17 @@ BREAKS = [
     Break("the vendored copies counted as installed", "tests/test_constraints.py",
           'if Path(d.locate_file("")).resolve() in site and canonical', "if canonical",
           T + "test_constraints.py::test_vendored_copies_are_not_counted_as_installed"),
+    Break("a sweep point seeded once, not per strategy", "pipeline/training/transfer.py",
+          "    seed_all(s.p.seed + pt.seed)\n    result, model, arch, test_pred", "    result, model, arch, test_pred",
+          T + "test_pool.py::test_a_transfer_sweep_in_the_pool_equals_the_same_sweep_run_here_on_one_thread",
+          slow=True),
+    Break("a sweep's kept point is the last one", "pipeline/stages/transfer_learn.py",
+          "keep=n == max(tp.target_per_class) and seed == 0)", "keep=n == max(tp.target_per_class))",
+          T + "test_transfer.py::test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means"),
+    Break("a pooled point's runs named after the first point", "pipeline/stages/transfer_learn.py",
+          "            record(s, job.point, t,", "            record(s, jobs[0].point, t,",
+          T + "test_pool.py::test_a_transfer_sweep_in_the_pool_equals_the_same_sweep_run_here_on_one_thread",
+          slow=True),
 ]
 
 

@@ -102,3 +102,52 @@ def test_claims_trainings_in_the_pool_equal_the_same_jobs_run_here_on_one_thread
     assert all(len(r.rows) == 2 for rs in here for r in rs)
     assert [[r.shifted for r in rs] for rs in pooled] == [[r.shifted for r in rs] for rs in here]
     assert pooled[1][0].shifted.keys() == {0, 2}
+
+
+@pytest.mark.slow
+def test_a_transfer_sweep_in_the_pool_equals_the_same_sweep_run_here_on_one_thread(tmp_path, tiny_prepared,
+                                                                                  monkeypatch, mlflow_store):
+    """The transfer sweep's points (feature extraction on the cached features, fine-tuning from that head on the
+    cached activations, our CNN on augmented images) through two worker processes: every row and every kept
+    model exactly as the same sweep in this process on one thread, the rows in the sweep's order, a run each."""
+    import csv
+
+    from mlflow import MlflowClient
+
+    from pipeline import params as params_mod
+    from pipeline.data import augment as aug
+    from pipeline.models import loading
+    from pipeline.stages import transfer_learn
+
+    monkeypatch.chdir(tmp_path)
+    tiny_prepared.save(tmp_path / "data/prepared")
+    aug.save(aug.build(params_mod.AugmentParams(), 0))
+    sweep = {"image_size": 32, "target_per_class": [2, 3], "seeds": 2, "steps": 3, "head_steps": 4, "cnn_steps": 4,
+             "val_per_class": 2, "batch_size": 4}
+    untimed = ("train_time_s", "mlflow_run_id")
+    rows, weights, results = {}, {}, {}
+    for workers in (1, 2):
+        p = params_mod.parse({"transfer": sweep, "trainer": {"sweep_workers": workers}})
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            results[workers] = transfer_learn.run(p)
+        finally:
+            torch.set_num_threads(threads)
+        rows[workers] = [{k: v for k, v in r.items() if k not in untimed}
+                         for r in csv.DictReader(open(tmp_path / "plots/transfer_learn/sweep.csv"))]
+        weights[workers] = {st: loading.load(tmp_path / f"models/transfer/{st}.pt")[0].state_dict()
+                            for st in ("feature_extraction", "fine_tuning", "scratch")}
+    assert len(rows[2]) == 12 and rows[2] == rows[1]
+    assert [(r["target_per_class"], r["seed"]) for r in rows[2]][::3] == [("2", "0"), ("2", "1"), ("3", "0"),
+                                                                          ("3", "1")]
+    for st, state in weights[2].items():
+        assert state.keys() == weights[1][st].keys()
+        assert all(torch.equal(v, weights[1][st][k]) for k, v in state.items()), st
+    client = MlflowClient(mlflow_store)
+    parent = results[2]["mlflow_parent_run_id"]
+    children = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'", max_results=100)
+    assert all(c.info.status == "FINISHED" for c in children)
+    assert sorted(c.info.run_name for c in children) == sorted(  # each point's runs under its own name
+        f"transfer_learn/n{r['target_per_class']}/seed{r['seed']}/{r['strategy']}" for r in rows[2])

@@ -289,6 +289,8 @@ def test_sweep_writes_every_point_and_a_verdict_that_agrees_with_the_means(tmp_p
         acc = (predict_proba(model, tiny_prepared.x["test"], 28).argmax(1) == tiny_prepared.y["test"]).mean()
         assert acc == pytest.approx(result["saved_models"][st]["test_acc"], abs=1e-6), st
         assert meta.target_per_class == 3 and meta.task == "digits" and meta.strategy == st
+        (seed0,) = [r for r in rows if (r["target_per_class"], r["seed"], r["strategy"]) == ("3", "0", st)]
+        assert meta.mlflow_run_id == result["saved_models"][st]["mlflow_run_id"] == seed0["mlflow_run_id"]
     client = MlflowClient(mlflow_store)
     parent = client.get_run(result["mlflow_parent_run_id"])
     assert parent.info.status == "FINISHED"
@@ -335,7 +337,8 @@ def test_fine_tuning_trains_the_last_blocks_at_the_base_rate_through_the_stage(t
     monkeypatch.setattr(transfer, "ClassifierModule", Recording)
     p = params_mod.parse({"transfer": {"strategies": ["fine_tuning"], "image_size": 32, "target_per_class": [3],
                                        "seeds": 2, "steps": 4, "head_steps": 2, "val_per_class": 2, "batch_size": 4,
-                                       "lr": 0.01, "unfreeze_blocks": 2, "backbone_lr_factor": 0.25}})
+                                       "lr": 0.01, "unfreeze_blocks": 2, "backbone_lr_factor": 0.25},
+                          "trainer": {"sweep_workers": 1}})  # in this process: the recording module is seen
     transfer_learn.run(p)
     assert {"head": 0.01, "base": 0.0025} in groups  # fine-tuning: the base at lr * backbone_lr_factor
     tuned, _, _ = loading.load(tmp_path / "models/transfer/fine_tuning.pt")

@@ -19,6 +19,7 @@ One MLflow parent run for the sweep, a nested run per (N, seed, strategy), publi
 from __future__ import annotations
 
 import sys
+from functools import partial
 
 import numpy as np
 
@@ -34,7 +35,17 @@ from pipeline.models.cnn import PRESETS, CNNSpec, preset
 from pipeline.outputs import check_writable
 from pipeline.predict import predict_proba, to_float
 from pipeline.rank import is_rank_zero
-from pipeline.training.transfer import Point, Setup, Trained, base_weights, cache_features, train_one
+from pipeline.training import pool
+from pipeline.training.transfer import (
+    Job,
+    Point,
+    Setup,
+    Trained,
+    base_weights,
+    cache_features,
+    record,
+    train_point,
+)
 
 
 def target_classes(tp, data: PreparedData) -> list[int]:
@@ -71,26 +82,38 @@ def setup(p: params_mod.Params, task: tasks.Task) -> Setup:
 
 
 def sweep(s: Setup) -> tuple[list[Trained], dict[str, Trained]]:
-    """Every (N, seed, strategy); the models of the largest N, seed 0 are kept."""
+    """Every (N, seed, strategy); the models of the largest N, seed 0 are kept. The points are independent
+    trainings: on the CPU they run in a pool of one-thread processes (trainer.sweep_workers), each seeded on its
+    own, so the numbers are the same in whichever process a point trains."""
     tp, splits = s.tp, s.splits
     if {"feature_extraction", "fine_tuning"} & set(tp.strategies):
         print(f"{s.task.stage('transfer_learn')}: caching {tp.backbone} features of "
               f"{sum(len(v[1]) for v in splits.values())} images at {tp.image_size}px", flush=True)
         cache_features(s)
-    trained, kept = [], {}
     val_n = min(tp.val_per_class, int(np.bincount(splits["val"][1]).min()))
-    for n in tp.target_per_class:
-        for seed in range(tp.seeds):
-            pt = Point(n, seed, per_class_indices(splits["train"][1], n, s.p.seed + seed, f"{s.task.transfer}.target_per_class"),
-                       per_class_indices(splits["val"][1], val_n, s.p.seed, f"{s.task.transfer}.val_per_class"))
-            for strategy in tp.strategies:
-                t = train_one(s, strategy, pt)
-                trained.append(t)
-                if n == max(tp.target_per_class) and seed == 0:
-                    kept[strategy] = t
-                else:
-                    t.model = None  # only the kept models stay in memory
+    jobs = [Job(Point(n, seed, per_class_indices(splits["train"][1], n, s.p.seed + seed,
+                                                 f"{s.task.transfer}.target_per_class"),
+                      per_class_indices(splits["val"][1], val_n, s.p.seed, f"{s.task.transfer}.val_per_class")),
+                keep=n == max(tp.target_per_class) and seed == 0)
+            for n in tp.target_per_class for seed in range(tp.seeds)]
+    workers = pool.workers_for(s.p.trainer, len(jobs))
+    total = len(jobs) * len(tp.strategies)
+    print(f"{s.task.stage('transfer_learn')}: {total} trainings ({len(jobs)} points) in {workers} "
+          f"process{'es' if workers > 1 else ''}", flush=True)
+    trained, kept = [], {}
+    for job, done in zip(jobs, pool.run(train_point, jobs, workers, partial(_shared, s)), strict=True):
+        for t in done:
+            trained.append(t)
+            record(s, job.point, t, f"[{len(trained)}/{total}] ")
+            if job.keep:
+                kept[t.row["strategy"]] = t
     return trained, kept
+
+
+def _shared(s: Setup) -> Setup:
+    """What every point's training reads (a worker process gets a copy, once): the data, the base's weights and
+    the cached features."""
+    return s
 
 
 def run(p: params_mod.Params, task: tasks.Task = tasks.TASKS["digits"]) -> dict:

@@ -2,8 +2,8 @@
 
 A small network's step on a batch of 28x28 images does not fill two cores with one process (the seed CNN at
 batch 64: 87 steps/s on 2 threads, 71 on 1; two 1-thread processes together 136; Lightning's Python between the
-steps runs on one core whatever the threads). So a stage with many independent trainings (the claims' arms)
-runs them in `trainer.sweep_workers` processes at once. Each job seeds itself and runs on one thread, so its
+steps runs on one core whatever the threads). So a stage with many independent trainings (the claims' arms,
+the transfer sweeps' points) runs them in `trainer.sweep_workers` processes at once. Each job seeds itself and runs on one thread, so its
 numbers do not depend on which worker runs it, in which order, or how many cores the machine has; they are
 the numbers of the same job run in the stage's own process on one thread (tests/test_pool.py).
 

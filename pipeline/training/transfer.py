@@ -95,10 +95,11 @@ class Trained:
     """One (N, seed, strategy): its row of the sweep, its model and what its run is still to get."""
 
     row: dict
-    model: Classifier
+    model: Classifier | None  # None once a sweep no longer needs it
     arch: dict
     run_id: str | None
     result: FitResult
+    test_acc: float  # unrounded (the row's is rounded)
 
 
 SWEEP_EPOCHS = 5  # a sweep training's epochs: each validated, the best one kept
@@ -312,26 +313,53 @@ def views(images: np.ndarray, augmentation, count: int, seed: int) -> np.ndarray
     return np.concatenate([images, *copies])
 
 
-def train_one(s: Setup, strategy: str, pt: Point) -> Trained:
-    """One (N, seed, strategy) training, its test accuracy on the full test split of the target classes, and its
-    MLflow run (recorded when it is done: a sweep's trainings are many and short; a kept model is added to its run
-    after the stage's outputs are written)."""
+@dataclass
+class Job:
+    """One (N, seed) of a sweep: every strategy on its images, in the sweep's order (fine_tuning starts from the
+    feature-extraction head of the same point). `keep`: its models come back (the largest N, seed 0)."""
+
+    point: Point
+    keep: bool
+
+
+def train_point(s: Setup, job: Job) -> list[Trained]:
+    """Every strategy of one point, each seeded on its own, so that a point's numbers do not depend on which
+    process trains it or after which other point (pipeline/training/pool.py). No MLflow here: the stage records
+    the runs (`record`) as the points come back, in the sweep's order."""
+    out = []
+    for strategy in s.tp.strategies:
+        t = train(s, strategy, job.point)
+        t.result.last_state = None  # the model is the one to keep, when kept
+        if not job.keep:
+            t.model = None  # only the kept models travel back and stay in memory
+        out.append(t)
+    s.heads.pop((job.point.n, job.point.seed), None)
+    return out
+
+
+def train(s: Setup, strategy: str, pt: Point) -> Trained:
+    """One (N, seed, strategy) training and its test accuracy on the full test split of the target classes."""
     seed_all(s.p.seed + pt.seed)
     result, model, arch, test_pred = STRATEGIES[strategy](s, pt)
     test_acc = accuracy(test_pred, s.splits["test"][1])
-    print(f"{s.task.stage('transfer_learn')}: n={pt.n} seed={pt.seed} {strategy}: test acc {test_acc:.4f} "
-          f"({result.train_time_s:.1f}s)", flush=True)
     row = {"target_per_class": pt.n, "seed": pt.seed, "strategy": strategy, "test_acc": round(test_acc, 6),
            "images": hashlib.sha256(pt.train.tobytes()).hexdigest()[:12],  # which images this point trained on
            "best_val_acc": round(result.best_val_acc, 6), "train_time_s": round(result.train_time_s, 2),
            "epochs": result.epochs_run, "precision": result.precision,
            "params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    run_id = None
+    return Trained(row, model, arch, None, result, test_acc)
+
+
+def record(s: Setup, pt: Point, t: Trained, progress: str = "") -> None:
+    """A finished training's line and its MLflow run (recorded when it is done: a sweep's trainings are many and
+    short; a kept model is added to its run after the stage's outputs are written)."""
+    row, result = t.row, t.result
+    print(f"{s.task.stage('transfer_learn')}: {progress}n={pt.n} seed={pt.seed} {row['strategy']}: test acc "
+          f"{row['test_acc']:.4f} ({result.train_time_s:.1f}s)", flush=True)
     if is_rank_zero():
-        run = _run(s, pt, strategy)
+        run = _run(s, pt, row["strategy"])
         run.params.update(result.run_params)
-        run_id = tracking.record_run(run, result.rows, {
-            "target_test_acc": test_acc, "best_val_acc": result.best_val_acc, "epochs_run": result.epochs_run,
-            "train_time_s": result.train_time_s})
-    row["mlflow_run_id"] = run_id
-    return Trained(row, model, arch, run_id, result)
+        t.run_id = tracking.record_run(run, result.rows, {
+            "target_test_acc": t.test_acc, "best_val_acc": result.best_val_acc,
+            "epochs_run": result.epochs_run, "train_time_s": result.train_time_s})
+    row["mlflow_run_id"] = t.run_id

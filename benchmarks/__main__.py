@@ -52,6 +52,9 @@ BENCHMARKS = [
               "stages run) / NCHW", suite.predict_layout),
     Benchmark("cuda_check", 0.0, "steps/s of the photo sweep's scratch arm: the CUDA check the training code "
               "leaves / Lightning's NVML check (printed)", suite.cuda_check),
+    Benchmark("sweep_pool", 1.0, "trainings/s of 12 short seed-CNN trainings: sweep_workers auto (one 1-thread "
+              "process per core on the CPU, start-up included) / one process on every thread", suite.sweep_pool,
+              rounds=3),
     Benchmark("time_to_accuracy", 3.0, "seconds to 99.2% test accuracy on full MNIST: the recipe before "
               "(3 epochs, fp32) / today's mnist_full", suite.time_to_accuracy, full_only=True, rounds=2,
               warmup=False),

@@ -442,3 +442,36 @@ def set_check(value: str | None) -> None:
         os.environ.pop(NVML_CHECK, None)
     else:
         os.environ[NVML_CHECK] = value
+
+
+# -------------------------------------------------------------------------------------------- sweep_pool
+def _pool_context():
+    return data()
+
+
+def _pool_job(prepared, job) -> float:
+    from pipeline.claims import train
+
+    recipe, seed, trainer = job
+    return train(recipe, seed, prepared, None, trainer).train_time_s
+
+
+def sweep_pool(quick: bool):
+    """Trainings per second of a batch of independent short trainings (the seed CNN in the claims' base recipe,
+    as the claims and the transfer sweeps run theirs): through `trainer.sweep_workers: auto` (on the CPU one
+    one-thread process per core, started and stopped inside the timing) / the same trainings in this process on
+    all its threads (`sweep_workers: 1`). On a GPU auto is one process: about 1."""
+    from pipeline.params import ClaimRecipe
+    from pipeline.training import pool
+
+    trainer = defaults().trainer
+    recipe = ClaimRecipe(epochs=2, steps_per_epoch=20 if quick else 40)
+    jobs = [(recipe, seed, trainer) for seed in range(4 if quick else 12)]
+    workers = pool.workers_for(trainer, len(jobs))
+
+    def timed(processes: int) -> float:
+        start = time.perf_counter()
+        list(pool.run(_pool_job, jobs, processes, _pool_context))
+        return len(jobs) / (time.perf_counter() - start)
+
+    return (lambda: timed(workers)), (lambda: timed(1))

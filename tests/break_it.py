@@ -325,6 +325,16 @@ BREAKS = [
           "            record(s, job.point, t,", "            record(s, jobs[0].point, t,",
           T + "test_pool.py::test_a_transfer_sweep_in_the_pool_equals_the_same_sweep_run_here_on_one_thread",
           slow=True),
+    Break("a pool worker runs the stage's Ctrl-C handler", "pipeline/training/pool.py",
+          "    signal.signal(signal.SIGINT, signal.SIG_IGN)\n", "",
+          T + "test_pool.py::test_workers_start_by_fork_without_cuda_and_leave_ctrl_c_to_the_stage"),
+    Break("workers forked beside CUDA", "pipeline/training/pool.py",
+          'if "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized():',
+          'if "fork" in multiprocessing.get_all_start_methods():',
+          T + "test_pool.py::test_workers_start_by_fork_without_cuda_and_leave_ctrl_c_to_the_stage"),
+    Break("a stopped stage leaves its workers training", "pipeline/training/pool.py",
+          "                process.terminate()\n", "                pass\n",
+          T + "test_reliability.py::test_a_signal_stops_a_pooled_sweep_and_its_worker_processes", slow=True),
 ]
 
 

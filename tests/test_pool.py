@@ -65,7 +65,31 @@ def _context():
     return 10
 
 
-def test_results_come_back_in_the_jobs_order_from_one_thread_workers_and_an_error_is_one_line():
+def _ctrl_c(context, job):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaches every process of the terminal's group
+    time.sleep(0.1)
+    return job
+
+
+def test_workers_start_by_fork_without_cuda_and_leave_ctrl_c_to_the_stage(monkeypatch):
+    """fork (a worker starts in milliseconds) unless CUDA is initialized here; a worker ignores Ctrl-C, which the
+    stage handles by stopping its workers, instead of raising it inside a job."""
+    assert pool.start_method() == "fork"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert pool.start_method() == "spawn"
+    monkeypatch.undo()
+    stages_handler = signal.signal(signal.SIGINT, signal.default_int_handler)  # as a stage's, raising here
+    try:
+        assert list(pool.run(_ctrl_c, [1, 2, 3], 2)) == [1, 2, 3]
+    except KeyboardInterrupt:  # came back from a worker's job (here, it would stop the whole test session)
+        pytest.fail("a worker ran the stage's Ctrl-C handler inside its job")
+    finally:
+        signal.signal(signal.SIGINT, stages_handler)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_results_come_back_in_the_jobs_order_from_one_thread_workers_and_an_error_is_one_line(method, monkeypatch):
+    monkeypatch.setattr(pool, "start_method", lambda: method)
     jobs = [5, 1, 4, 2, 3]
     assert list(pool.run(_square_in_order, jobs, 2, _context)) == [(10 * j * j, 1) for j in jobs]
     with pytest.raises(PipelineError, match=r"^claims: job 'bad' is not a number$"):

@@ -3,6 +3,7 @@ previous outputs in place and no MLflow run left RUNNING."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import re
@@ -38,13 +39,14 @@ def edit_params(repo, **sections) -> None:
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def start_training(repo, until: str, stderr=subprocess.STDOUT, drain: bool = True) -> subprocess.Popen:
-    """train_scratch in the background, returned once its output shows a line starting with `until`; the rest
+def start_training(repo, until: str, stderr=subprocess.STDOUT, drain: bool = True,
+                   stage: str = "train_scratch") -> subprocess.Popen:
+    """A training stage in the background, returned once its output shows a line starting with `until`; the rest
     of its output is read by a thread (`drain`), so that a full pipe never blocks it while a test waits."""
     import threading
 
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"CI": "true"}
-    proc = subprocess.Popen([PYTHON, "-m", "pipeline.stages.train_scratch"], cwd=repo, env=env, text=True,
+    proc = subprocess.Popen([PYTHON, "-m", f"pipeline.stages.{stage}"], cwd=repo, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=stderr)
     for line in proc.stdout:
         if line.startswith(until):
@@ -72,12 +74,12 @@ def pause_outside_a_store_write(proc: subprocess.Popen, store) -> None:
     raise AssertionError(f"{store} stayed locked by the training")
 
 
-def run_statuses(repo) -> list[str]:
+def run_statuses(repo, stage: str = "train_scratch") -> list[str]:
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    return [r.info.status for r in runs if r.info.run_name.startswith("train_scratch")]
+    return [r.info.status for r in runs if r.info.run_name.startswith(stage)]
 
 
 def test_a_diverged_training_publishes_nothing(repo, run_stage):
@@ -112,6 +114,43 @@ def test_a_signal_stops_the_stage_with_its_exit_code_and_keeps_the_outputs(repo,
     assert not (repo / "metrics/train_scratch.json").exists()
     time.sleep(0.5)
     assert run_statuses(repo) and "RUNNING" not in run_statuses(repo)
+
+
+@pytest.mark.slow
+def test_a_signal_stops_a_pooled_sweep_and_its_worker_processes(repo):
+    """SIGTERM during the transfer sweep's pool: the stage exits 143 with its line, its worker processes are
+    gone (none left training as orphans), nothing is written and no run is left RUNNING."""
+    import psutil
+
+    edit_params(repo, transfer={"target_per_class": [3], "seeds": 4, "cnn_steps": 10**7, "head_steps": 4, "steps": 2},
+                trainer={"sweep_workers": 2})
+    proc = start_training(repo, "transfer_learn: 12 trainings (4 points) in 2 processes", stderr=subprocess.PIPE,
+                          drain=False, stage="transfer_learn")
+    workers = []
+    for _ in range(100):
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        if len(workers) >= 2:
+            break
+        time.sleep(0.1)
+    assert len(workers) == 2, workers
+    proc.send_signal(signal.SIGTERM)
+    try:
+        try:
+            _, stderr = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:  # the trainings are endless: a stage waiting for them never ends
+            pytest.fail("the stage did not stop: it waits for its workers' trainings")
+        _, alive = psutil.wait_procs(workers, timeout=10)
+    finally:
+        proc.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                worker.kill()
+    assert not alive, alive
+    assert proc.returncode == 143, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted by SIGTERM; previous outputs are kept"
+    assert not (repo / "metrics/transfer_learn.json").exists() and not (repo / "models/transfer").exists()
+    time.sleep(0.5)
+    assert run_statuses(repo, "transfer_learn/sweep") == ["KILLED"]  # the sweep's run, ended as the stage was
 
 
 def test_a_gpu_accelerator_without_a_gpu_is_one_line(repo, run_stage):

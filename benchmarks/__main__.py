@@ -52,7 +52,7 @@ BENCHMARKS = [
               "stages run) / NCHW", suite.predict_layout),
     Benchmark("cuda_check", 0.0, "steps/s of the photo sweep's scratch arm: the CUDA check the training code "
               "leaves / Lightning's NVML check (printed)", suite.cuda_check),
-    Benchmark("sweep_pool", 1.0, "trainings/s of 12 short seed-CNN trainings: sweep_workers auto (one 1-thread "
+    Benchmark("sweep_pool", 1.0, "trainings/s of 12 short seed-CNN trainings (4 quick): sweep_workers auto (one 1-thread "
               "process per core on the CPU, start-up included) / one process on every thread", suite.sweep_pool,
               rounds=3),
     Benchmark("time_to_accuracy", 3.0, "seconds to 99.2% test accuracy on full MNIST: the recipe before "
